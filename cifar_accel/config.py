@@ -1,0 +1,138 @@
+"""Every training setting in one typed dataclass; the command line is generated from it.
+
+Each field's ``help`` metadata is its one-line ``--help`` text and ``choices`` limits
+its values. ``parse_train_args`` turns ``argv`` into a validated ``TrainConfig``.
+"""
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from cifar_accel.errors import UserError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    # Data
+    dataset: str = _option("uoft-cs/cifar10", "Hub dataset id, local copy in the Hub layout, or image folder")
+    image_column: str | None = _option(None, "image column (default: detect 'img' or 'image')")
+    label_column: str | None = _option(None, "label column (default: detect 'label' or 'fine_label')")
+    train_split: str = _option("train", "split to train on")
+    eval_split: str = _option("test", "split to evaluate on after every epoch")
+    max_train_samples: int | None = _option(None, "use only the first N training examples")
+    max_eval_samples: int | None = _option(None, "use only the first N evaluation examples")
+    validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
+    cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
+    num_workers: int = _option(2, "DataLoader worker processes per device")
+    # Model
+    model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
+    model_args: dict = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
+    # Optimisation
+    epochs: int = _option(24, "number of passes over the training set")
+    batch_size: int = _option(512, "examples per device per step; global batch = this x processes x accumulation")
+    eval_batch_size: int = _option(1024, "examples per device per evaluation step")
+    learning_rate: float = _option(0.4, "peak learning rate")
+    weight_decay: float = _option(5e-4, "L2 weight decay (decoupled for adamw)")
+    optimizer: str = _option("sgd", "optimizer", OPTIMIZERS)
+    momentum: float = _option(0.9, "SGD momentum (adamw: beta1)")
+    nesterov: bool = _option(True, "use Nesterov momentum with SGD")
+    scheduler: str = _option("onecycle", "learning-rate schedule after warm-up", SCHEDULERS)
+    warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up from zero")
+    milestones: list = _option([0.5, 0.75], "multistep: fractions of training at which lr is multiplied by gamma")
+    gamma: float = _option(0.1, "multistep: factor applied at each milestone")
+    label_smoothing: float = _option(0.2, "label smoothing of the training loss")
+    gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
+    # Hardware
+    mixed_precision: str | None = _option(None, "no|fp16|bf16 (default: from the accelerate config)", MIXED_PRECISION)
+    sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
+    cpu: bool = _option(False, "train on the CPU even when an accelerator is present")
+    # Run
+    output_dir: str = _option("output", "folder for the run's config, metrics and best model")
+    seed: int = _option(0, "random seed for initialisation, shuffling and augmentation")
+
+    def validate(self) -> None:
+        """Reject values that cannot work, with the flag name and what would be valid."""
+        positive = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "gradient_accumulation_steps")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name} must be positive, got {value!r}")
+        for name in ("validation_size", "cutout", "num_workers", "weight_decay", "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be zero or positive, got {getattr(self, name)!r}")
+        if not 0 <= self.warmup_fraction <= 1:
+            raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
+        for option_name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)):
+            if getattr(self, option_name) not in choices:
+                raise UserError(
+                    f"unknown --{option_name} {getattr(self, option_name)!r}; choose one of: {', '.join(choices)}"
+                )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"dropout\": 0.3}'")
+    return value
+
+
+def _base_type(annotation: Any) -> Any:
+    """``int | None`` -> ``int``; other annotations unchanged."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """One ``--name`` option per dataclass field, typed and documented from the field."""
+    hints = typing.get_type_hints(config_class)
+    for config_field in dataclasses.fields(config_class):
+        kind = _base_type(hints[config_field.name])
+        default = config_field.default
+        if default is dataclasses.MISSING:
+            default = config_field.default_factory()
+        options: dict[str, Any] = {"default": default, "help": config_field.metadata["help"]}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            options.update(type=float, nargs="+", metavar="X")
+        elif kind is dict:
+            options.update(type=_parse_json_object, metavar="JSON")
+        else:
+            options.update(type=kind, choices=config_field.metadata["choices"])
+        parser.add_argument(f"--{config_field.name}", **options)
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        description="Train an image classifier on CIFAR-10 (or any dataset in its layout) with Accelerate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_arguments(parser, TrainConfig)
+    config = TrainConfig(**vars(parser.parse_args(argv)))
+    config.validate()
+    return config

@@ -1,0 +1,222 @@
+"""The training loop: one ``Accelerator``, read top to bottom in ``train``.
+
+Everything distributed goes through the accelerator: ``prepare`` shards the data and wraps
+the model, ``gather_for_metrics`` makes evaluation exact, ``is_main_process`` decides who writes.
+"""
+
+import math
+import os
+import platform
+import time
+
+import accelerate
+import datasets
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from cifar_accel import __version__
+from cifar_accel.checkpoint import model_config, save_model
+from cifar_accel.config import TrainConfig
+from cifar_accel.data import load_data, make_dataloader
+from cifar_accel.models import get_model
+from cifar_accel.optim import build_optimizer, build_scheduler
+from cifar_accel.reporting import RunFolder, format_epoch_line
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    """The one Accelerator of a run.
+
+    Under ``accelerate launch --num_processes N`` on a machine without a GPU, a default
+    Accelerator treats every process as alone; asking for the CPU makes them one gloo group.
+    """
+    launched_with_several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_cpu = config.cpu or (launched_with_several_processes and not torch.cuda.is_available())
+    return Accelerator(
+        cpu=use_cpu,
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator: Accelerator) -> dict:
+    """Loss, top-1 and top-5 over every example of ``loader`` exactly once, on all processes."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5 sums
+    count = 0
+    for images, labels in loader:
+        logits = model(images).float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        top_k = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top_k == labels[:, None]
+        # gather_for_metrics drops the duplicates that pad the last batch across processes.
+        losses, top1, top5 = accelerator.gather_for_metrics((losses, hits[:, 0], hits.any(dim=1)))
+        totals += torch.stack([losses.sum(), top1.sum(), top5.sum()]).double()
+        count += len(losses)
+    loss, top1, top5 = (totals / max(count, 1)).tolist()
+    return {"loss": loss, "top1": top1, "top5": top5, "n": count}
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator, progress) -> dict:
+    model.train()
+    # Running sums stay on the device: no host sync inside the step.
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, examples
+    for step, (images, labels) in enumerate(loader):
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = criterion(logits, labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        totals += (
+            torch.stack(
+                [loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum(), torch.tensor(len(labels))]
+            )
+            .double()
+            .to(totals.device)
+        )
+        progress.update(1)
+        if step % 20 == 0:
+            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    loss_sum, correct, examples = accelerator.reduce(totals, reduction="sum").tolist()
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"training loss became {loss_sum}; lower --learning_rate or use --mixed_precision no")
+    return {"train_loss": loss_sum / examples, "train_acc": correct / examples, "train_examples": int(examples)}
+
+
+def environment() -> dict:
+    return {
+        "cifar_accel": __version__,
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+
+
+def train(config: TrainConfig) -> dict:
+    """Train, evaluate after every epoch, keep the best model; returns ``results.json``'s content."""
+    start_time = time.perf_counter()
+    accelerator = build_accelerator(config)
+    set_seed(config.seed)
+
+    # The main process builds the datasets cache first; the others then read it.
+    with accelerator.main_process_first():
+        data = load_data(config)
+    train_loader = make_dataloader(
+        data.train,
+        data,
+        train=True,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        cutout=config.cutout,
+        seed=config.seed,
+    )
+    eval_loader = make_dataloader(
+        data.evaluation, data, train=False, batch_size=config.eval_batch_size, num_workers=config.num_workers
+    )
+
+    model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
+    if config.sync_batchnorm and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, config)
+    # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
+    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    scheduler = build_scheduler(optimizer, config, total_steps=updates_per_epoch * config.epochs)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+
+    saved_model_config = model_config(config.model, config.model_args, data.class_names, data.mean, data.std)
+    resolved = {
+        **config.to_dict(),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
+        "num_train_examples": len(data.train),
+        "num_eval_examples": len(data.evaluation),
+        "selection_split": data.selection_split,
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "class_names": data.class_names,
+        "mean": data.mean,
+        "std": data.std,
+        "environment": environment(),
+    }
+    run_folder = RunFolder(config.output_dir) if accelerator.is_main_process else None
+    if run_folder:
+        run_folder.save_config(resolved)
+    accelerator.print(
+        f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters | "
+        f"{len(data.train)} train / {len(data.evaluation)} {data.selection_split} examples, "
+        f"{data.num_classes} classes | {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"global batch {resolved['global_batch_size']}, mixed precision {accelerator.mixed_precision}"
+    )
+
+    best: dict = {"eval_top1": -1.0}
+    progress = tqdm(
+        total=len(train_loader) * config.epochs,
+        disable=not accelerator.is_main_process,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    for epoch in range(1, config.epochs + 1):
+        progress.set_description(f"epoch {epoch}/{config.epochs}")
+        epoch_start = time.perf_counter()
+        learning_rate = scheduler.get_last_lr()[0]
+        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, accelerator, progress)
+        train_seconds = time.perf_counter() - epoch_start
+        eval_stats = evaluate(model, eval_loader, accelerator)
+        record = {
+            "epoch": epoch,
+            **train_stats,
+            "eval_split": data.selection_split,
+            **{f"eval_{name}": value for name, value in eval_stats.items()},
+            "lr": learning_rate,
+            "seconds": time.perf_counter() - epoch_start,
+            "images_per_second": train_stats["train_examples"] / train_seconds,
+        }
+        if run_folder:
+            progress.write(format_epoch_line(record, config.epochs))
+            run_folder.append_metrics(record)
+        if record["eval_top1"] > best["eval_top1"]:
+            best = record
+            if run_folder:
+                save_model(accelerator.unwrap_model(model), run_folder.best_model_dir, saved_model_config)
+            if data.test is not None:
+                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    results = {
+        "best_epoch": best["epoch"],
+        "selected_by": data.selection_split,
+        "best_metrics": best,
+        "total_seconds": time.perf_counter() - start_time,
+        "num_processes": accelerator.num_processes,
+    }
+    if data.test is not None:
+        # A validation hold-out chose the epoch; report the chosen model on the untouched split.
+        results["test_split"] = config.eval_split
+        model.load_state_dict(best_state)
+        test_loader = accelerator.prepare(
+            make_dataloader(
+                data.test, data, train=False, batch_size=config.eval_batch_size, num_workers=config.num_workers
+            )
+        )
+        results["test_metrics"] = evaluate(model, test_loader, accelerator)
+    if run_folder:
+        run_folder.save_results(results)
+        accelerator.print(
+            f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; "
+            f"saved to {run_folder.best_model_dir} ({results['total_seconds']:.0f}s)"
+        )
+    accelerator.end_training()
+    return results

@@ -1,0 +1,31 @@
+"""Model registry: every architecture is a named builder ``builder(num_classes, **kwargs)``."""
+
+from collections.abc import Callable
+
+from torch import nn
+
+from cifar_accel.errors import UserError
+
+ModelBuilder = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelBuilder] = {}
+
+
+def register_model(builder: ModelBuilder) -> ModelBuilder:
+    """Decorator: register ``builder`` under its function name."""
+    _REGISTRY[builder.__name__] = builder
+    return builder
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    ``kwargs`` are the family's constructor arguments; they must be JSON-serialisable
+    so that a saved ``config.json`` can rebuild the same network.
+    """
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, **kwargs)

@@ -1,0 +1,74 @@
+"""Shared fixtures: small datasets in the Hub layout, written to parquet like a downloaded copy."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+
+
+def _png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def colour_images(labels: list[int], seed: int, num_colours: int = len(COLOURS)) -> list[dict]:
+    """A noisy image per label whose dominant colour is the class: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for label in labels:
+        base = np.array(COLOURS[label % num_colours], dtype=np.float64)
+        pixels = np.clip(base + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+        images.append({"bytes": _png_bytes(pixels), "path": None})
+    return images
+
+
+def write_hub_layout(
+    root: Path,
+    split_sizes: dict[str, int],
+    class_names: list[str],
+    image_column: str = "img",
+    label_column: str = "label",
+    unique_labels: bool = False,
+) -> Path:
+    """``root/data/{split}-00000-of-00001.parquet`` with an Image and a ClassLabel column."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    features = Features({image_column: Image(), label_column: ClassLabel(names=class_names)})
+    for index, (split, size) in enumerate(split_sizes.items()):
+        labels = list(range(size)) if unique_labels else [i % len(class_names) for i in range(size)]
+        rows = {image_column: colour_images(labels, seed=index), label_column: labels}
+        Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_dataset(tmp_path_factory) -> Path:
+    """Four learnable colour classes; 101 test images so that no batch or process count divides them."""
+    return write_hub_layout(
+        tmp_path_factory.mktemp("colours"), {"train": 256, "test": 101}, ["red", "green", "blue", "yellow"]
+    )
+
+
+def run_command(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command from the repository root, as a user would, and capture its output."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def cifar_accel_command(*args: str) -> list[str]:
+    """The installed console script, from the same environment as the tests."""
+    return [str(Path(sys.executable).parent / "cifar-accel"), *args]
+
+
+def accelerate_launch(*launch_args: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *launch_args]

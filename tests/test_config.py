@@ -1,0 +1,63 @@
+import dataclasses
+
+import pytest
+
+from cifar_accel.config import TrainConfig, parse_train_args
+from cifar_accel.errors import UserError
+
+
+def test_help_documents_every_setting_on_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for config_field in dataclasses.fields(TrainConfig):
+        assert f"--{config_field.name}" in help_text
+        assert config_field.metadata["help"] and "\n" not in config_field.metadata["help"]
+
+
+def test_flags_are_parsed_into_typed_fields():
+    config = parse_train_args(
+        [
+            "--learning_rate",
+            "0.1",
+            "--epochs",
+            "3",
+            "--no-nesterov",
+            "--milestones",
+            "0.3",
+            "0.6",
+            "--model_args",
+            '{"dropout": 0.1}',
+            "--max_train_samples",
+            "100",
+            "--mixed_precision",
+            "bf16",
+        ]
+    )
+    assert config.learning_rate == 0.1 and config.epochs == 3 and config.nesterov is False
+    assert config.milestones == [0.3, 0.6] and config.model_args == {"dropout": 0.1}
+    assert config.max_train_samples == 100 and config.mixed_precision == "bf16"
+    assert parse_train_args([]) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--learning_rate", "-1"], "--learning_rate must be positive"),
+        (["--batch_size", "0"], "--batch_size must be positive"),
+        (["--warmup_fraction", "1.5"], "--warmup_fraction must be between 0 and 1"),
+    ],
+)
+def test_impossible_values_are_rejected_with_the_flag_name(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_train_args(argv)
+
+
+@pytest.mark.parametrize("argv", [["--optimizer", "adam"], ["--learning_rate", "fast"], ["--model_args", "{oops"]])
+def test_malformed_flags_exit_with_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_train_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err

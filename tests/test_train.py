@@ -1,0 +1,198 @@
+"""End to end through ``accelerate launch``, as a user runs it: one process, then two (gloo)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import accelerate_launch, cifar_accel_command, run_command, write_hub_layout
+
+TRAIN_FLAGS = [
+    "--model",
+    "bn_cnn",
+    "--epochs",
+    "3",
+    "--batch_size",
+    "32",
+    "--learning_rate",
+    "0.05",
+    "--label_smoothing",
+    "0",
+    "--num_workers",
+    "1",
+]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(colour_dataset, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_command(
+        accelerate_launch(
+            "--config_file",
+            "accelerate_config.yaml",
+            "train.py",
+            "--dataset",
+            str(colour_dataset),
+            "--output_dir",
+            str(run_dir),
+            *TRAIN_FLAGS,
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_run_folder_holds_config_metrics_best_model_and_results(single_process_run):
+    config = json.loads((single_process_run / "train_config.json").read_text())
+    assert config["model"] == "bn_cnn" and config["epochs"] == 3 and config["num_processes"] == 1
+    assert config["class_names"] == ["red", "green", "blue", "yellow"] and len(config["mean"]) == 3
+    metrics = _metrics(single_process_run)
+    assert [record["epoch"] for record in metrics] == [1, 2, 3]
+    expected_fields = {
+        "train_loss",
+        "train_acc",
+        "eval_loss",
+        "eval_top1",
+        "eval_top5",
+        "lr",
+        "seconds",
+        "images_per_second",
+    }
+    assert expected_fields <= set(metrics[0])
+    assert {record["eval_n"] for record in metrics} == {101}
+    saved = json.loads((single_process_run / "best" / "config.json").read_text())
+    assert saved["architecture"] == "bn_cnn" and saved["class_names"] == config["class_names"]
+    assert saved["mean"] == config["mean"] and saved["std"] == config["std"]
+    assert (single_process_run / "best" / "model.safetensors").stat().st_size > 1_000_000
+    results = json.loads((single_process_run / "results.json").read_text())
+    assert results["selected_by"] == "test"
+    assert results["best_metrics"]["eval_top1"] == max(record["eval_top1"] for record in metrics)
+
+
+def test_short_training_beats_chance_by_a_wide_margin(single_process_run):
+    results = json.loads((single_process_run / "results.json").read_text())
+    assert results["best_metrics"]["eval_top1"] >= 0.8  # chance is 0.25
+
+
+def test_evaluate_command_reproduces_the_best_epoch(single_process_run, colour_dataset):
+    result = run_command(
+        cifar_accel_command(
+            "evaluate",
+            "--model",
+            str(single_process_run / "best"),
+            "--dataset",
+            str(colour_dataset),
+            "--batch_size",
+            "16",
+            "--num_workers",
+            "0",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    best = json.loads((single_process_run / "results.json").read_text())["best_metrics"]
+    assert metrics["n"] == 101
+    assert metrics["top1"] == pytest.approx(best["eval_top1"], abs=1e-9)
+    assert metrics["top5"] == pytest.approx(best["eval_top5"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+
+
+def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, tmp_path):
+    result = run_command(
+        accelerate_launch(
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29611",
+            "train.py",
+            "--dataset",
+            str(colour_dataset),
+            "--output_dir",
+            str(tmp_path),
+            *TRAIN_FLAGS,
+            "--epochs",
+            "1",
+            "--batch_size",
+            "16",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    assert config["num_processes"] == 2 and config["global_batch_size"] == 32
+    [record] = _metrics(tmp_path)
+    assert record["eval_n"] == 101  # 101 = 2 x 50 + 1: the padded duplicate is not counted
+    assert record["train_examples"] == 256  # 256 = 8 steps x 2 processes x 16
+
+
+def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path):
+    dataset = write_hub_layout(
+        tmp_path / "unique", {"train": 64, "test": 8}, [f"c{i}" for i in range(64)], unique_labels=True
+    )
+    output = tmp_path / "ranks"
+    output.mkdir()
+    result = run_command(
+        accelerate_launch(
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29612",
+            "tests/shard_probe.py",
+            str(dataset),
+            str(output),
+            "8",
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [report["num_processes"] for report in ranks] == [2, 2]
+    for epoch in range(2):
+        seen = [report["epochs"][epoch] for report in ranks]
+        assert len(seen[0]) == len(seen[1]) == 32
+        assert not set(seen[0]) & set(seen[1])
+        assert sorted(seen[0] + seen[1]) == list(range(64))
+    assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # reshuffled every epoch
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dataset", "/no/such/cifar"], "error: dataset path '/no/such/cifar' does not exist"),
+        (["--image_column", "pixels"], "error: image column 'pixels' not found; columns present: img, label"),
+        (["--model", "resnet7"], "error: unknown model 'resnet7'; choose one of: bn_cnn,"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_status_2(colour_dataset, tmp_path, flags, message):
+    result = run_command(
+        [
+            sys.executable,
+            "train.py",
+            "--dataset",
+            str(colour_dataset),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--epochs",
+            "1",
+            *flags,
+        ]
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in result.stderr
