@@ -22,6 +22,7 @@ from cifar_accel import __version__
 from cifar_accel.checkpoint import model_config, save_model
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data, make_dataloader
+from cifar_accel.errors import UserError
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 from cifar_accel.reporting import RunFolder, format_epoch_line
@@ -124,6 +125,8 @@ def train(config: TrainConfig) -> dict:
 
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if config.sync_batchnorm and accelerator.num_processes > 1:
+        if accelerator.device.type != "cuda":
+            raise UserError("--sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, config)
     # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
