@@ -58,7 +58,7 @@ class TrainConfig:
     label_smoothing: float = _option(0.2, "label smoothing of the training loss")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
     # Hardware
-    mixed_precision: str | None = _option(None, "no|fp16|bf16 (default: from the accelerate config)", MIXED_PRECISION)
+    mixed_precision: str | None = _option(None, "mixed precision (default: the accelerate config's)", MIXED_PRECISION)
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
     cpu: bool = _option(False, "train on the CPU even when an accelerator is present")
     # Run
@@ -107,6 +107,14 @@ def _base_type(annotation: Any) -> Any:
     return annotation
 
 
+_METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def _one_line_help(prog: str) -> argparse.HelpFormatter:
+    """Option and its help on one line: the longest option here is about 40 characters."""
+    return argparse.HelpFormatter(prog, max_help_position=44, width=160)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
     """One ``--name`` option per dataclass field, typed and documented from the field."""
     hints = typing.get_type_hints(config_class)
@@ -115,7 +123,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         default = config_field.default
         if default is dataclasses.MISSING:
             default = config_field.default_factory()
-        options: dict[str, Any] = {"default": default, "help": config_field.metadata["help"]}
+        help_text = config_field.metadata["help"]
+        if default not in (None, {}, []):
+            help_text += f" (default: {default})"
+        options: dict[str, Any] = {"default": default, "help": help_text}
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind is list:
@@ -123,14 +134,17 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         elif kind is dict:
             options.update(type=_parse_json_object, metavar="JSON")
         else:
-            options.update(type=kind, choices=config_field.metadata["choices"])
+            choices = config_field.metadata["choices"]
+            if choices:
+                options["help"] = f"{help_text}; one of: {', '.join(choices)}"
+            options.update(type=kind, choices=choices, metavar="NAME" if choices else _METAVARS[kind])
         parser.add_argument(f"--{config_field.name}", **options)
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     parser = argparse.ArgumentParser(
         description="Train an image classifier on CIFAR-10 (or any dataset in its layout) with Accelerate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_one_line_help,
     )
     add_dataclass_arguments(parser, TrainConfig)
     config = TrainConfig(**vars(parser.parse_args(argv)))

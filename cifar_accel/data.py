@@ -22,8 +22,12 @@ from cifar_accel.errors import UserError
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMNS = ("label", "fine_label", "labels")
 HUB_UNREACHABLE = (
-    "cannot reach the Hugging Face Hub to load {name!r}: pass --dataset PATH to a local copy "
-    "(for example --dataset ../shared/cifar10), or set HF_HUB_OFFLINE=1 to use a cached copy"
+    "cannot reach the Hugging Face Hub to load {name!r}: pass --dataset PATH to a local copy, "
+    "or set HF_HUB_OFFLINE=1 to use a copy already in the Hugging Face cache"
+)
+NOT_CACHED = (
+    "{name!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: pass --dataset PATH to a local copy, "
+    "or unset HF_HUB_OFFLINE where the Hub can be reached"
 )
 
 
@@ -75,7 +79,7 @@ def load_dataset_dict(name: str) -> DatasetDict:
     try:
         return load_dataset(name)
     except ConnectionError:
-        raise UserError(HUB_UNREACHABLE.format(name=name)) from None
+        raise UserError((NOT_CACHED if offline else HUB_UNREACHABLE).format(name=name)) from None
     except FileNotFoundError as error:  # DatasetNotFoundError is a FileNotFoundError
         raise UserError(f"dataset {name!r} not found on the Hub or on disk ({error})") from None
 

@@ -27,6 +27,20 @@ def test_cifar100_layout_with_fine_labels_works_unchanged(tmp_path):
     assert (data.image_column, data.label_column, data.num_classes) == ("image", "fine_label", 100)
 
 
+def test_an_image_folder_is_a_dataset_with_one_class_per_subfolder(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 6), ("test", 3)):
+        for index, colour in enumerate(["red", "green", "blue"] * (count // 3)):
+            folder = tmp_path / split / colour
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), colour).save(folder / f"{index}.png")
+    data = load_data(TrainConfig(dataset=str(tmp_path)))
+    assert (data.image_column, data.label_column) == ("image", "label")
+    assert data.class_names == ["blue", "green", "red"]
+    assert (len(data.train), len(data.evaluation)) == (6, 3)
+
+
 def test_missing_column_lists_the_columns_present(colour_dataset):
     with pytest.raises(UserError, match="image column 'pixels' not found; columns present: img, label"):
         load_data(TrainConfig(dataset=str(colour_dataset), image_column="pixels"))
@@ -60,6 +74,19 @@ def test_unreachable_hub_names_the_offline_alternatives(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*--dataset PATH.*HF_HUB_OFFLINE=1"):
         load_data(TrainConfig(dataset="uoft-cs/cifar10"))
+
+
+def test_offline_mode_without_a_cached_copy_says_so(monkeypatch, tmp_path):
+    import datasets
+    from huggingface_hub import constants
+
+    # Both libraries read these at import time, so the test sets their constants as a fresh process would.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # an empty cache
+    with pytest.raises(UserError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set.*--dataset PATH"):
+        load_data(TrainConfig(dataset="someone/not-cached"))
 
 
 def test_loader_yields_normalised_augmented_batches(colour_dataset):
