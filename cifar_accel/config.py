@@ -38,7 +38,9 @@ class TrainConfig:
     max_eval_samples: int | None = _option(None, "use only the first N evaluation examples")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
-    num_workers: int = _option(2, "DataLoader worker processes per device")
+    num_workers: int | None = _option(
+        None, "DataLoader worker processes per device (default: CPU cores / processes, at most 8)"
+    )
     # Model
     model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
     model_args: dict = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
@@ -76,7 +78,7 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise UserError(f"--{name} must be positive, got {value!r}")
         for name in ("validation_size", "cutout", "num_workers", "weight_decay", "label_smoothing"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name} must be zero or positive, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")

@@ -286,6 +286,11 @@ class BatchCollator:
         return self.normalize(images), labels
 
 
+def default_num_workers(num_processes: int) -> int:
+    """Share the machine's cores between the processes' loaders; more than 8 rarely helps."""
+    return max(1, min(8, (os.cpu_count() or 1) // num_processes))
+
+
 def measure_loader_throughput(loader: DataLoader, max_batches: int | None = None) -> float:
     """Images per second of the loader alone (no model), over one pass or ``max_batches``."""
     images = 0

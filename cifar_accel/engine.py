@@ -4,9 +4,11 @@ Everything distributed goes through the accelerator: ``prepare`` shards the data
 the model, ``gather_for_metrics`` makes evaluation exact, ``is_main_process`` decides who writes.
 """
 
+import dataclasses
 import math
 import os
 import platform
+import sys
 import time
 
 import accelerate
@@ -21,7 +23,7 @@ from tqdm.auto import tqdm
 from cifar_accel import __version__
 from cifar_accel.checkpoint import model_config, save_model
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import load_data, make_dataloader
+from cifar_accel.data import DataBundle, default_num_workers, load_data, make_dataloader
 from cifar_accel.errors import UserError
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
@@ -101,28 +103,44 @@ def environment() -> dict:
     }
 
 
+def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataBundle) -> dict:
+    """``train_config.json``: every flag as used, plus what was derived from the data and the launch."""
+    return {
+        **config.to_dict(),
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
+        "num_train_examples": len(data.train),
+        "num_eval_examples": len(data.evaluation),
+        "selection_split": data.selection_split,
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "class_names": data.class_names,
+        "mean": data.mean,
+        "std": data.std,
+        "environment": environment(),
+    }
+
+
 def train(config: TrainConfig) -> dict:
     """Train, evaluate after every epoch, keep the best model; returns ``results.json``'s content."""
     start_time = time.perf_counter()
     accelerator = build_accelerator(config)
+    if config.num_workers is None:
+        config = dataclasses.replace(config, num_workers=default_num_workers(accelerator.num_processes))
     set_seed(config.seed)
 
     # The main process builds the datasets cache first; the others then read it.
     with accelerator.main_process_first():
         data = load_data(config)
-    train_loader = make_dataloader(
-        data.train,
-        data,
-        train=True,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        cutout=config.cutout,
-        seed=config.seed,
-    )
-    eval_loader = make_dataloader(
-        data.evaluation, data, train=False, batch_size=config.eval_batch_size, num_workers=config.num_workers
-    )
 
+    def loader(split, train: bool = False):
+        batch_size = config.batch_size if train else config.eval_batch_size
+        return make_dataloader(
+            split, data, train, batch_size, config.num_workers, cutout=config.cutout, seed=config.seed
+        )
+
+    train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if config.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type != "cuda":
@@ -138,21 +156,7 @@ def train(config: TrainConfig) -> dict:
     )
 
     saved_model_config = model_config(config.model, config.model_args, data.class_names, data.mean, data.std)
-    resolved = {
-        **config.to_dict(),
-        "mixed_precision": accelerator.mixed_precision,
-        "num_processes": accelerator.num_processes,
-        "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
-        "num_train_examples": len(data.train),
-        "num_eval_examples": len(data.evaluation),
-        "selection_split": data.selection_split,
-        "image_column": data.image_column,
-        "label_column": data.label_column,
-        "class_names": data.class_names,
-        "mean": data.mean,
-        "std": data.std,
-        "environment": environment(),
-    }
+    resolved = resolved_settings(config, accelerator, data)
     run_folder = RunFolder(config.output_dir) if accelerator.is_main_process else None
     if run_folder:
         run_folder.save_config(resolved)
@@ -169,6 +173,7 @@ def train(config: TrainConfig) -> dict:
         disable=not accelerator.is_main_process,
         unit="step",
         dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
     )
     for epoch in range(1, config.epochs + 1):
         progress.set_description(f"epoch {epoch}/{config.epochs}")
@@ -209,12 +214,7 @@ def train(config: TrainConfig) -> dict:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
         results["test_split"] = config.eval_split
         model.load_state_dict(best_state)
-        test_loader = accelerator.prepare(
-            make_dataloader(
-                data.test, data, train=False, batch_size=config.eval_batch_size, num_workers=config.num_workers
-            )
-        )
-        results["test_metrics"] = evaluate(model, test_loader, accelerator)
+        results["test_metrics"] = evaluate(model, accelerator.prepare(loader(data.test)), accelerator)
     if run_folder:
         run_folder.save_results(results)
         accelerator.print(

@@ -7,41 +7,24 @@ from pathlib import Path
 import pytest
 from conftest import accelerate_launch, cifar_accel_command, run_command, write_hub_layout
 
-TRAIN_FLAGS = [
-    "--model",
-    "bn_cnn",
-    "--epochs",
-    "3",
-    "--batch_size",
-    "32",
-    "--learning_rate",
-    "0.05",
-    "--label_smoothing",
-    "0",
-    "--num_workers",
-    "1",
-]
+TRAIN_FLAGS = "--model bn_cnn --epochs 3 --batch_size 32 --learning_rate 0.05 --label_smoothing 0 --num_workers 1"
+TWO_CPU_PROCESSES = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def single_process_run(colour_dataset, tmp_path_factory) -> Path:
+    """Three epochs with 40 training images held out (stratified) to choose the best epoch."""
     run_dir = tmp_path_factory.mktemp("run")
-    result = run_command(
-        accelerate_launch(
-            "--config_file",
-            "accelerate_config.yaml",
-            "train.py",
-            "--dataset",
-            str(colour_dataset),
-            "--output_dir",
-            str(run_dir),
-            *TRAIN_FLAGS,
-        )
-    )
+    flags = f"--dataset {colour_dataset} --output_dir {run_dir} --validation_size 40 {TRAIN_FLAGS}"
+    result = run_command(accelerate_launch("--config_file", "accelerate_config.yaml", "train.py", *flags.split()))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -49,36 +32,30 @@ def single_process_run(colour_dataset, tmp_path_factory) -> Path:
 def test_run_folder_holds_config_metrics_best_model_and_results(single_process_run):
     config = json.loads((single_process_run / "train_config.json").read_text())
     assert config["model"] == "bn_cnn" and config["epochs"] == 3 and config["num_processes"] == 1
+    assert config["num_train_examples"] == 216 and config["selection_split"] == "validation"
     assert config["class_names"] == ["red", "green", "blue", "yellow"] and len(config["mean"]) == 3
     metrics = _metrics(single_process_run)
     assert [record["epoch"] for record in metrics] == [1, 2, 3]
-    expected_fields = {
-        "train_loss",
-        "train_acc",
-        "eval_loss",
-        "eval_top1",
-        "eval_top5",
-        "lr",
-        "seconds",
-        "images_per_second",
+    fields = {"train_loss", "train_acc", "eval_loss", "eval_top1", "eval_top5", "lr", "seconds", "images_per_second"}
+    assert fields <= set(metrics[0])
+    assert {(record["eval_split"], record["eval_n"], record["train_examples"]) for record in metrics} == {
+        ("validation", 40, 216)
     }
-    assert expected_fields <= set(metrics[0])
-    assert {record["eval_n"] for record in metrics} == {101}
     saved = json.loads((single_process_run / "best" / "config.json").read_text())
     assert saved["architecture"] == "bn_cnn" and saved["class_names"] == config["class_names"]
     assert saved["mean"] == config["mean"] and saved["std"] == config["std"]
     assert (single_process_run / "best" / "model.safetensors").stat().st_size > 1_000_000
-    results = json.loads((single_process_run / "results.json").read_text())
-    assert results["selected_by"] == "test"
+    results = _results(single_process_run)
+    assert results["selected_by"] == "validation" and results["test_split"] == "test"
     assert results["best_metrics"]["eval_top1"] == max(record["eval_top1"] for record in metrics)
+    assert results["test_metrics"]["n"] == 101
 
 
 def test_short_training_beats_chance_by_a_wide_margin(single_process_run):
-    results = json.loads((single_process_run / "results.json").read_text())
-    assert results["best_metrics"]["eval_top1"] >= 0.8  # chance is 0.25
+    assert _results(single_process_run)["test_metrics"]["top1"] >= 0.8  # chance is 0.25
 
 
-def test_evaluate_command_reproduces_the_best_epoch(single_process_run, colour_dataset):
+def test_evaluate_command_reproduces_the_chosen_model_on_the_test_split(single_process_run, colour_dataset):
     result = run_command(
         cifar_accel_command(
             "evaluate",
@@ -90,43 +67,21 @@ def test_evaluate_command_reproduces_the_best_epoch(single_process_run, colour_d
             "16",
             "--num_workers",
             "0",
-        )
+        )  # fmt: skip
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
-    best = json.loads((single_process_run / "results.json").read_text())["best_metrics"]
+    expected = _results(single_process_run)["test_metrics"]
     assert metrics["n"] == 101
-    assert metrics["top1"] == pytest.approx(best["eval_top1"], abs=1e-9)
-    assert metrics["top5"] == pytest.approx(best["eval_top5"], abs=1e-9)
-    assert metrics["loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+    assert metrics["top1"] == pytest.approx(expected["top1"], abs=1e-9)
+    assert metrics["top5"] == pytest.approx(expected["top5"], abs=1e-9)
+    assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-4)
 
 
 def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, tmp_path):
-    result = run_command(
-        accelerate_launch(
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29611",
-            "train.py",
-            "--dataset",
-            str(colour_dataset),
-            "--output_dir",
-            str(tmp_path),
-            *TRAIN_FLAGS,
-            "--epochs",
-            "1",
-            "--batch_size",
-            "16",
-        )
-    )
+    flags = f"--dataset {colour_dataset} --output_dir {tmp_path} {TRAIN_FLAGS} --epochs 1 --batch_size 16"
+    launch = f"{TWO_CPU_PROCESSES} --main_process_port 29611 train.py {flags}"
+    result = run_command(accelerate_launch(*launch.split()))
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "train_config.json").read_text())
     assert config["num_processes"] == 2 and config["global_batch_size"] == 32
@@ -136,30 +91,12 @@ def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, t
 
 
 def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path):
-    dataset = write_hub_layout(
-        tmp_path / "unique", {"train": 64, "test": 8}, [f"c{i}" for i in range(64)], unique_labels=True
-    )
+    names = [f"c{i}" for i in range(64)]
+    dataset = write_hub_layout(tmp_path / "unique", {"train": 64, "test": 8}, names, unique_labels=True)
     output = tmp_path / "ranks"
     output.mkdir()
-    result = run_command(
-        accelerate_launch(
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            "29612",
-            "tests/shard_probe.py",
-            str(dataset),
-            str(output),
-            "8",
-        )
-    )
+    launch = f"{TWO_CPU_PROCESSES} --main_process_port 29612 tests/shard_probe.py {dataset} {output} 8"
+    result = run_command(accelerate_launch(*launch.split()))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [report["num_processes"] for report in ranks] == [2, 2]
@@ -174,25 +111,14 @@ def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dataset", "/no/such/cifar"], "error: dataset path '/no/such/cifar' does not exist"),
-        (["--image_column", "pixels"], "error: image column 'pixels' not found; columns present: img, label"),
-        (["--model", "resnet7"], "error: unknown model 'resnet7'; choose one of: bn_cnn,"),
+        ("--dataset /no/such/cifar", "error: dataset path '/no/such/cifar' does not exist"),
+        ("--image_column pixels", "error: image column 'pixels' not found; columns present: img, label"),
+        ("--model resnet7", "error: unknown model 'resnet7'; choose one of: bn_cnn,"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_status_2(colour_dataset, tmp_path, flags, message):
-    result = run_command(
-        [
-            sys.executable,
-            "train.py",
-            "--dataset",
-            str(colour_dataset),
-            "--output_dir",
-            str(tmp_path / "run"),
-            "--epochs",
-            "1",
-            *flags,
-        ]
-    )
+    command = f"train.py --dataset {colour_dataset} --output_dir {tmp_path / 'run'} --epochs 1 {flags}"
+    result = run_command([sys.executable, *command.split()])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
