@@ -67,10 +67,15 @@ def test_bad_data_settings_raise_clear_errors(colour_dataset, overrides, message
         load_data(config)
 
 
+def test_an_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match=f"cannot read a dataset from '{tmp_path}'"):
+        load_data(TrainConfig(dataset=str(tmp_path)))
+
+
 def test_unreachable_hub_names_the_offline_alternatives(monkeypatch):
     from huggingface_hub import constants
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     with pytest.raises(UserError, match="cannot reach the Hugging Face Hub.*--dataset PATH.*HF_HUB_OFFLINE=1"):
         load_data(TrainConfig(dataset="uoft-cs/cifar10"))
@@ -80,8 +85,7 @@ def test_offline_mode_without_a_cached_copy_says_so(monkeypatch, tmp_path):
     import datasets
     from huggingface_hub import constants
 
-    # Both libraries read these at import time, so the test sets their constants as a fresh process would.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Both libraries read HF_HUB_OFFLINE at import time: set their constants as a fresh process would.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # an empty cache
