@@ -76,19 +76,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator,
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        totals += (
-            torch.stack(
-                [loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum(), torch.tensor(len(labels))]
-            )
-            .double()
-            .to(totals.device)
-        )
+        totals[0] += loss.detach().double() * len(labels)
+        totals[1] += (logits.argmax(dim=1) == labels).sum()
+        totals[2] += len(labels)
         progress.update(1)
         if step % 20 == 0:
             progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     loss_sum, correct, examples = accelerator.reduce(totals, reduction="sum").tolist()
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"training loss became {loss_sum}; lower --learning_rate or use --mixed_precision no")
     return {"train_loss": loss_sum / examples, "train_acc": correct / examples, "train_examples": int(examples)}
 
 
@@ -168,39 +162,43 @@ def train(config: TrainConfig) -> dict:
     )
 
     best: dict = {"eval_top1": -1.0}
-    progress = tqdm(
+    with tqdm(
         total=len(train_loader) * config.epochs,
         disable=not accelerator.is_main_process,
         unit="step",
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
-    )
-    for epoch in range(1, config.epochs + 1):
-        progress.set_description(f"epoch {epoch}/{config.epochs}")
-        epoch_start = time.perf_counter()
-        learning_rate = scheduler.get_last_lr()[0]
-        train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, accelerator, progress)
-        train_seconds = time.perf_counter() - epoch_start
-        eval_stats = evaluate(model, eval_loader, accelerator)
-        record = {
-            "epoch": epoch,
-            **train_stats,
-            "eval_split": data.selection_split,
-            **{f"eval_{name}": value for name, value in eval_stats.items()},
-            "lr": learning_rate,
-            "seconds": time.perf_counter() - epoch_start,
-            "images_per_second": train_stats["train_examples"] / train_seconds,
-        }
-        if run_folder:
-            progress.write(format_epoch_line(record, config.epochs))
-            run_folder.append_metrics(record)
-        if record["eval_top1"] > best["eval_top1"]:
-            best = record
+    ) as progress:  # closed before an error is printed
+        for epoch in range(1, config.epochs + 1):
+            progress.set_description(f"epoch {epoch}/{config.epochs}")
+            epoch_start = time.perf_counter()
+            learning_rate = scheduler.get_last_lr()[0]
+            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, accelerator, progress)
+            train_seconds = time.perf_counter() - epoch_start
+            if not math.isfinite(train_stats["train_loss"]):
+                raise UserError(
+                    f"training loss became {train_stats['train_loss']} in epoch {epoch}; "
+                    "lower --learning_rate, or use --mixed_precision no"
+                )
+            eval_stats = evaluate(model, eval_loader, accelerator)
+            record = {
+                "epoch": epoch,
+                **train_stats,
+                "eval_split": data.selection_split,
+                **{f"eval_{name}": value for name, value in eval_stats.items()},
+                "lr": learning_rate,
+                "seconds": time.perf_counter() - epoch_start,
+                "images_per_second": train_stats["train_examples"] / train_seconds,
+            }
             if run_folder:
-                save_model(accelerator.unwrap_model(model), run_folder.best_model_dir, saved_model_config)
-            if data.test is not None:
-                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    progress.close()
+                progress.write(format_epoch_line(record, config.epochs))
+                run_folder.append_metrics(record)
+            if record["eval_top1"] > best["eval_top1"]:
+                best = record
+                if run_folder:
+                    save_model(accelerator.unwrap_model(model), run_folder.best_model_dir, saved_model_config)
+                if data.test is not None:
+                    best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     accelerator.wait_for_everyone()
 
     results = {

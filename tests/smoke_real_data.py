@@ -7,6 +7,7 @@ only a real regression (data, loop, optimiser) trips it, not seed noise.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,11 +26,13 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as output_dir:
         command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-            "train.py", "--dataset", args.dataset, "--output_dir", output_dir, *SETTINGS,
+            sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--config_file", "accelerate_config.yaml",
+            "train.py", "--dataset", os.path.abspath(args.dataset), "--output_dir", output_dir, *SETTINGS,
         ]  # fmt: skip
         print(" ".join(command), flush=True)
-        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parents[1])
+        returncode = subprocess.run(command, cwd=Path(__file__).resolve().parents[1]).returncode
+        if returncode != 0:
+            raise SystemExit(f"smoke FAILED: training exited with status {returncode}")
         results = json.loads(Path(output_dir, "results.json").read_text())
     top1 = results["best_metrics"]["eval_top1"]
     verdict = "passed" if top1 >= FLOOR_TOP1 else "FAILED"
