@@ -115,8 +115,14 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:<13} {summary}" for name, (_, summary) in COMMANDS.items())
-        print(f"usage: cifar-accel COMMAND [--help]\n\ncommands:\n{usage}", file=sys.stderr if argv else sys.stdout)
-        raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
-    COMMANDS[argv[0]][0](argv[1:])
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]][0](argv[1:])
+        return
+    commands = "\n".join(f"  {name:<13} {summary}" for name, (_, summary) in COMMANDS.items())
+    usage = f"usage: cifar-accel COMMAND [--help]\n\ncommands:\n{commands}"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return
+    problem = f"unknown command {argv[0]!r}" if argv else "no command given"
+    print(f"{usage}\n\nerror: {problem}", file=sys.stderr)
+    raise SystemExit(2)

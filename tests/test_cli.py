@@ -1,0 +1,27 @@
+import pytest
+
+from cifar_accel.cli import main
+
+
+def test_models_command_lists_every_registered_model(capsys):
+    main(["models"])
+    assert capsys.readouterr().out.split() == ["bn_cnn", "resnet18", "resnet34", "resnet9", "simple_cnn"]
+
+
+@pytest.mark.parametrize(("argv", "problem"), [(["bogus"], "unknown command 'bogus'"), ([], "no command given")])
+def test_a_missing_or_unknown_command_shows_the_commands_and_exits_2(argv, problem, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "loader-speed" in err and err.strip().endswith(f"error: {problem}")
+
+
+def test_evaluate_without_a_saved_model_is_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--model", str(tmp_path)])
+    assert exit_info.value.code == 2
+    expected = (
+        f"{tmp_path}/model.safetensors not found; pass --model a folder holding model.safetensors and config.json"
+    )
+    assert capsys.readouterr().err == f"error: {expected}\n"
