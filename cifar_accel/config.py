@@ -43,7 +43,7 @@ class TrainConfig:
     )
     # Model
     model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
-    model_args: dict = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
+    model_args: dict[str, Any] = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
     # Optimisation
     epochs: int = _option(24, "number of passes over the training set")
     batch_size: int = _option(512, "examples per device per step; global batch = this x processes x accumulation")
@@ -55,7 +55,7 @@ class TrainConfig:
     nesterov: bool = _option(True, "use Nesterov momentum with SGD")
     scheduler: str = _option("onecycle", "learning-rate schedule after warm-up", SCHEDULERS)
     warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up from zero")
-    milestones: list = _option([0.5, 0.75], "multistep: fractions of training at which lr is multiplied by gamma")
+    milestones: list[float] = _option([0.5, 0.75], "multistep: fractions of training where lr is multiplied by gamma")
     gamma: float = _option(0.1, "multistep: factor applied at each milestone")
     label_smoothing: float = _option(0.2, "label smoothing of the training loss")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
@@ -103,10 +103,10 @@ def _parse_json_object(text: str) -> dict:
 
 
 def _base_type(annotation: Any) -> Any:
-    """``int | None`` -> ``int``; other annotations unchanged."""
+    """``int | None`` -> ``int``, ``list[float]`` -> ``list``; other annotations unchanged."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
-    return annotation
+    return typing.get_origin(annotation) or annotation
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
