@@ -14,6 +14,7 @@ from typing import Any
 
 from cifar_accel.errors import UserError
 
+DATA_LOADERS = ("torch", "device")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -38,6 +39,10 @@ class TrainConfig:
     max_eval_samples: int | None = _option(None, "use only the first N evaluation examples")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
+    data_loader: str = _option(
+        "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
+    )
+    alternating_flip: bool = _option(False, "device loader: flip a random half in even epochs, the rest in odd ones")
     num_workers: int | None = _option(
         None, "DataLoader worker processes per device (default: CPU cores / processes, at most 8)"
     )
@@ -82,7 +87,13 @@ class TrainConfig:
                 raise UserError(f"--{name} must be zero or positive, got {getattr(self, name)!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
-        for option_name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS)):
+        if self.alternating_flip and self.data_loader != "device":
+            raise UserError("--alternating_flip needs --data_loader device")
+        for option_name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+            ("data_loader", DATA_LOADERS),
+        ):
             if getattr(self, option_name) not in choices:
                 raise UserError(
                     f"unknown --{option_name} {getattr(self, option_name)!r}; choose one of: {', '.join(choices)}"

@@ -24,6 +24,7 @@ from cifar_accel import __version__
 from cifar_accel.checkpoint import model_config, save_model
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, load_data, make_dataloader
+from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.errors import UserError
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
@@ -124,17 +125,20 @@ def train(config: TrainConfig) -> dict:
         config = dataclasses.replace(config, num_workers=default_num_workers(accelerator.num_processes))
     set_seed(config.seed)
 
-    # The main process builds the datasets cache first; the others then read it.
-    with accelerator.main_process_first():
-        data = load_data(config)
-
     def loader(split, train: bool = False):
         batch_size = config.batch_size if train else config.eval_batch_size
+        if config.data_loader == "device":
+            return make_device_dataloader(
+                split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip, config.seed
+            )
         return make_dataloader(
             split, data, train, batch_size, config.num_workers, cutout=config.cutout, seed=config.seed
         )
 
-    train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
+    # The main process builds the datasets and decoded-image caches first; the others then read them.
+    with accelerator.main_process_first():
+        data = load_data(config)
+        train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if config.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type != "cuda":

@@ -78,10 +78,11 @@ def test_evaluate_command_reproduces_the_chosen_model_on_the_test_split(single_p
     assert metrics["loss"] == pytest.approx(expected["loss"], rel=1e-4)
 
 
-def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, tmp_path):
+@pytest.mark.parametrize(("data_loader", "port"), [("torch", 29611), ("device", 29613)])
+def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, tmp_path, data_loader, port):
     flags = f"--dataset {colour_dataset} --output_dir {tmp_path} {TRAIN_FLAGS} --epochs 1 --batch_size 16"
-    launch = f"{TWO_CPU_PROCESSES} --main_process_port 29611 train.py {flags}"
-    result = run_command(accelerate_launch(*launch.split()))
+    launch = f"{TWO_CPU_PROCESSES} --main_process_port {port} train.py {flags} --data_loader {data_loader}"
+    result = run_command(accelerate_launch(*launch.split()), env={"CIFAR_ACCEL_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "train_config.json").read_text())
     assert config["num_processes"] == 2 and config["global_batch_size"] == 32
@@ -90,13 +91,14 @@ def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, t
     assert record["train_examples"] == 256  # 256 = 8 steps x 2 processes x 16
 
 
-def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path):
+@pytest.mark.parametrize(("data_loader", "port"), [("torch", 29612), ("device", 29614)])
+def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path, data_loader, port):
     names = [f"c{i}" for i in range(64)]
     dataset = write_hub_layout(tmp_path / "unique", {"train": 64, "test": 8}, names, unique_labels=True)
     output = tmp_path / "ranks"
     output.mkdir()
-    launch = f"{TWO_CPU_PROCESSES} --main_process_port 29612 tests/shard_probe.py {dataset} {output} 8"
-    result = run_command(accelerate_launch(*launch.split()))
+    launch = f"{TWO_CPU_PROCESSES} --main_process_port {port} tests/shard_probe.py {dataset} {output} 8 {data_loader}"
+    result = run_command(accelerate_launch(*launch.split()), env={"CIFAR_ACCEL_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((output / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [report["num_processes"] for report in ranks] == [2, 2]

@@ -1,0 +1,180 @@
+"""Device-resident data (``--data_loader device``): a split decoded once, kept on the accelerator.
+
+A split is decoded a single time into one uint8 tensor, cached on disk under the dataset's
+fingerprint, and moved to the device. A plain ``DataLoader`` still draws the batches, so
+``accelerator.prepare`` shards them across processes and ``gather_for_metrics`` stays exact;
+but each batch is fetched in one ``__getitems__`` call that augments it with a few tensor ops
+instead of one Python call per image.
+
+Augmentation parameters are drawn per example and per epoch from ``(seed, epoch)`` alone, so an
+example gets the same crop and flip whichever process, batch or attempt fetches it.
+"""
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, Image
+from PIL import Image as PILImage
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from cifar_accel.data import DataBundle
+
+PADDING = 4
+
+
+def cache_directory() -> Path:
+    return Path(os.environ.get("CIFAR_ACCEL_CACHE", Path.home() / ".cache" / "cifar_accel"))
+
+
+def _decode(encoded: dict) -> np.ndarray:
+    source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
+    with PILImage.open(source) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def decode_split(dataset: Dataset, image_column: str, label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache."""
+    path = cache_directory() / f"{dataset._fingerprint}-{image_column}-{label_column}.safetensors"
+    if path.is_file():
+        tensors = load_file(str(path))
+        return tensors["images"], tensors["labels"]
+    raw = dataset.cast_column(image_column, Image(decode=False)).select_columns([image_column, label_column])
+    images, labels = [], []
+    for batch in raw.iter(batch_size=1000):
+        images.extend(_decode(encoded) for encoded in batch[image_column])
+        labels.extend(batch[label_column])
+    tensors = {
+        "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file(tensors, str(temporary))
+    os.replace(temporary, path)  # readers never see half a cache file
+    return tensors["images"], tensors["labels"]
+
+
+def reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Reflect-pad the last two dimensions with slice copies (uint8 on every device, no float copy)."""
+    height, width = images.shape[-2:]
+    out = images.new_empty(*images.shape[:-2], height + 2 * padding, width + 2 * padding)
+    out[..., padding:-padding, padding:-padding] = images
+    out[..., :padding, padding:-padding] = images[..., 1 : padding + 1, :].flip(-2)
+    out[..., -padding:, padding:-padding] = images[..., -padding - 1 : -1, :].flip(-2)
+    # The columns are mirrored from the row-padded result, which fills the corners too.
+    out[..., :padding] = out[..., padding + 1 : 2 * padding + 1].flip(-1)
+    out[..., -padding:] = out[..., -2 * padding - 1 : -padding - 1].flip(-1)
+    return out
+
+
+class DeviceImageDataset(torch.utils.data.Dataset):
+    """A split on the device; ``__getitems__`` returns a normalised, augmented batch."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: list[float],
+        std: list[float],
+        train: bool,
+        cutout: int = 0,
+        alternating_flip: bool = False,
+        seed: int = 0,
+    ):
+        self.train, self.cutout, self.alternating_flip, self.seed = train, cutout, alternating_flip, seed
+        self.labels = labels
+        self.images = reflect_pad(images, PADDING) if train else images
+        device = images.device
+        # x -> (x / 255 - mean) / std as one multiply-add in float32.
+        self.scale = (1 / (255 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.set_epoch(0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw every example's crop offset, flip and cutout centre for ``epoch``."""
+        if not self.train:
+            return
+        count, device = len(self.labels), self.labels.device
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        self.offsets = torch.randint(0, 2 * PADDING + 1, (count, 2), generator=generator).to(device)
+        self.flips = torch.rand(count, generator=generator).to(device) < 0.5
+        if self.alternating_flip:
+            # A random half is flipped in even epochs and the other half in odd ones, so over two
+            # epochs every image is seen both ways (airbench's "alternating flip").
+            first_half = torch.rand(count, generator=torch.Generator().manual_seed(self.seed)) < 0.5
+            self.flips = (first_half if epoch % 2 == 0 else ~first_half).to(device)
+        self.cutout_centres = torch.randint(0, 32, (count, 2), generator=generator).to(device)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.labels.device)
+        images = self.images[index]
+        if self.train:
+            images = self._augment(images, index)
+        return images.float().mul_(self.scale).add_(self.shift), self.labels[index]
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.__getitems__([position])
+        return images[0], labels[0]
+
+    def _augment(self, padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        batch, channels, padded_size, _ = padded.shape
+        size = padded_size - 2 * PADDING
+        # Every 32x32 window of each padded image as a strided view, then one gather picks each
+        # example's window: a single copy for the whole batch.
+        stride = padded.stride()
+        windows = padded.as_strided(
+            (batch, 2 * PADDING + 1, 2 * PADDING + 1, channels, size, size),
+            (stride[0], stride[2], stride[3], stride[1], stride[2], stride[3]),
+        )
+        offsets = self.offsets[index]
+        images = windows[torch.arange(batch, device=padded.device), offsets[:, 0], offsets[:, 1]]
+        flips = self.flips[index]
+        images[flips] = images[flips].flip(-1)
+        if self.cutout:
+            images = cutout(images, self.cutout_centres[index], self.cutout)
+        return images
+
+
+def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero a ``size``x``size`` square around each image's centre (clipped at the border)."""
+    coordinates = torch.arange(images.shape[-1], device=images.device)
+    top_left = centres - size // 2
+    rows = (coordinates >= top_left[:, :1]) & (coordinates < top_left[:, :1] + size)
+    columns = (coordinates >= top_left[:, 1:]) & (coordinates < top_left[:, 1:] + size)
+    erase = rows[:, :, None] & columns[:, None, :]
+    return images.masked_fill(erase[:, None], 0)
+
+
+def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def make_device_dataloader(
+    dataset: Dataset,
+    data: DataBundle,
+    train: bool,
+    batch_size: int,
+    device: torch.device,
+    cutout: int = 0,
+    alternating_flip: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """Same batches as ``make_dataloader`` (shuffled when training), served from device memory."""
+    images, labels = decode_split(dataset, data.image_column, data.label_column)
+    device_dataset = DeviceImageDataset(
+        images.to(device), labels.to(device), data.mean, data.std, train, cutout, alternating_flip, seed
+    )
+    return DataLoader(
+        device_dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        collate_fn=_keep_batch,
+        generator=torch.Generator().manual_seed(seed),
+    )
