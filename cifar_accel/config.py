@@ -124,8 +124,8 @@ _METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
 def _one_line_help(prog: str) -> argparse.HelpFormatter:
-    """Option and its help on one line: the longest option here is about 40 characters."""
-    return argparse.HelpFormatter(prog, max_help_position=44, width=160)
+    """Option and its help on one line: the longest option here is about 45 characters."""
+    return argparse.HelpFormatter(prog, max_help_position=50, width=170)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
