@@ -105,10 +105,22 @@ def models_main(argv: list[str] | None = None) -> None:
     print("\n".join(list_models()))
 
 
+def recipes_main(argv: list[str] | None = None) -> None:
+    from cifar_accel.recipes import list_recipes
+
+    argparse.ArgumentParser(prog="cifar-accel recipes", description="List the shipped training recipes.").parse_args(
+        argv
+    )
+    recipes = list_recipes()
+    width = max(map(len, recipes))
+    print("\n".join(f"{name:<{width}}  {description}" for name, description in recipes.items()))
+
+
 COMMANDS = {
     "train": (train_main, "train a model (same flags as train.py)"),
     "evaluate": (evaluate_main, "evaluate a saved model; prints JSON with top1, top5, loss, n"),
     "models": (models_main, "list the model names"),
+    "recipes": (recipes_main, "list the training recipes (train --recipe NAME)"),
     "loader-speed": (loader_speed_main, "measure images/s of the training data loader alone"),
 }
 

@@ -29,6 +29,7 @@ def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 
 @dataclass
 class TrainConfig:
+    recipe: str | None = _option(None, "named recipe (see 'cifar-accel recipes') or a YAML file; flags override it")
     # Data
     dataset: str = _option("uoft-cs/cifar10", "Hub dataset id, local copy in the Hub layout, or image folder")
     image_column: str | None = _option(None, "image column (default: detect 'img' or 'image')")
@@ -139,7 +140,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         help_text = config_field.metadata["help"]
         if default not in (None, {}, []):
             help_text += f" (default: {default})"
-        options: dict[str, Any] = {"default": default, "help": help_text}
+        options: dict[str, Any] = {"help": help_text}  # the value itself comes from the dataclass
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind is list:
@@ -154,12 +155,40 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         parser.add_argument(f"--{config_field.name}", **options)
 
 
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """A recipe value converted to the setting's type, or a clear error naming both."""
+    kind = _base_type(annotation)
+    if value is None or kind in (dict, Any):
+        return value
+    try:
+        if kind is list:
+            return [float(item) for item in value]
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"recipe setting {name}: {value!r} is not a valid {kind.__name__}") from None
+
+
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the recipe's settings, then the flags given explicitly: later wins."""
     parser = argparse.ArgumentParser(
         description="Train an image classifier on CIFAR-10 (or any dataset in its layout) with Accelerate.",
         formatter_class=_one_line_help,
+        argument_default=argparse.SUPPRESS,  # only flags given explicitly reach the namespace
     )
     add_dataclass_arguments(parser, TrainConfig)
-    config = TrainConfig(**vars(parser.parse_args(argv)))
+    explicit = vars(parser.parse_args(argv))
+    settings: dict[str, Any] = {}
+    if explicit.get("recipe"):
+        from cifar_accel.recipes import load_recipe
+
+        hints = typing.get_type_hints(TrainConfig)
+        recipe = load_recipe(explicit["recipe"])
+        unknown = sorted(set(recipe) - set(hints))
+        if unknown:
+            raise UserError(f"recipe {explicit['recipe']!r} sets unknown settings: {', '.join(unknown)}")
+        settings = {name: _coerce(name, value, hints[name]) for name, value in recipe.items()}
+    config = TrainConfig(**{**settings, **explicit})
     config.validate()
     return config

@@ -65,3 +65,47 @@ def test_malformed_flags_exit_with_status_2(argv, capsys):
         parse_train_args(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_recipe_sets_values_and_explicit_flags_override_it():
+    config = parse_train_args(["--recipe", "resnet18", "--epochs", "3", "--no-nesterov"])
+    assert (config.recipe, config.model, config.scheduler, config.learning_rate) == (
+        "resnet18",
+        "resnet18",
+        "cosine",
+        0.1,
+    )
+    assert config.epochs == 3 and config.nesterov is False  # given on the command line
+    assert config.to_dict()["weight_decay"] == 5e-4  # the resolved value is what train_config.json records
+
+
+def test_every_shipped_recipe_is_complete_and_valid():
+    from cifar_accel.models import list_models
+    from cifar_accel.recipes import list_recipes
+
+    recipes = list_recipes()
+    assert {"resnet18", "superconvergence", "bn_cnn"} <= set(recipes)
+    for name, description in recipes.items():
+        assert description and "\n" not in description
+        assert parse_train_args(["--recipe", name]).model in list_models()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("model: resnet18\nlearning_rte: 0.1\n", "sets unknown settings: learning_rte"),
+        ("epochs: [1, 2\n", "is not valid YAML"),
+        ("- just a list\n", "must be a mapping"),
+        ("epochs: many\n", "recipe setting epochs: 'many' is not a valid int"),
+    ],
+)
+def test_a_bad_recipe_file_is_a_clear_error(tmp_path, content, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(content)
+    with pytest.raises(UserError, match=message):
+        parse_train_args(["--recipe", str(recipe)])
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    with pytest.raises(UserError, match="unknown recipe 'fastest'; choose one of: .*resnet18"):
+        parse_train_args(["--recipe", "fastest"])
