@@ -39,6 +39,7 @@ class TrainConfig:
     max_train_samples: int | None = _option(None, "use only the first N training examples")
     max_eval_samples: int | None = _option(None, "use only the first N evaluation examples")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
+    crop_padding: int = _option(4, "random crops of 32x32 from images reflect-padded by this many pixels (0: off)")
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
     data_loader: str = _option(
         "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
@@ -64,11 +65,17 @@ class TrainConfig:
     milestones: list[float] = _option([0.5, 0.75], "multistep: fractions of training where lr is multiplied by gamma")
     gamma: float = _option(0.1, "multistep: factor applied at each milestone")
     label_smoothing: float = _option(0.2, "label smoothing of the training loss")
+    bias_lr_scale: float = _option(1.0, "learning-rate multiplier for BatchNorm biases (their decay is divided by it)")
+    whiten_bias_epochs: int | None = _option(None, "airbench models: epochs the whitening bias trains (default: all)")
+    lookahead: bool = _option(False, "every 5 steps pull the weights to an EMA of themselves (airbench's lookahead)")
+    tta_level: int = _option(0, "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + 1-px shifts")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
     # Hardware
     mixed_precision: str | None = _option(None, "mixed precision (default: the accelerate config's)", MIXED_PRECISION)
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
     cpu: bool = _option(False, "train on the CPU even when an accelerator is present")
+    channels_last: bool = _option(False, "NHWC memory layout for model and batches (faster convolutions on GPUs)")
+    compile: bool = _option(False, "compile the model with torch.compile (through Accelerate's dynamo backend)")
     # Run
     output_dir: str = _option("output", "folder for the run's config, metrics and best model")
     seed: int = _option(0, "random seed for initialisation, shuffling and augmentation")
@@ -83,9 +90,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name} must be positive, got {value!r}")
-        for name in ("validation_size", "cutout", "num_workers", "weight_decay", "label_smoothing"):
+        for name in ("validation_size", "crop_padding", "cutout", "num_workers", "weight_decay", "label_smoothing"):
             if (getattr(self, name) or 0) < 0:
                 raise UserError(f"--{name} must be zero or positive, got {getattr(self, name)!r}")
+        if self.tta_level not in (0, 1, 2):
+            raise UserError(f"--tta_level must be 0, 1 or 2, got {self.tta_level!r}")
+        if self.bias_lr_scale <= 0:
+            raise UserError(f"--bias_lr_scale must be positive, got {self.bias_lr_scale!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
         if self.alternating_flip and self.data_loader != "device":

@@ -23,8 +23,6 @@ from torch.utils.data import DataLoader
 
 from cifar_accel.data import DataBundle
 
-PADDING = 4
-
 
 def cache_directory() -> Path:
     return Path(os.environ.get("CIFAR_ACCEL_CACHE", Path.home() / ".cache" / "cifar_accel"))
@@ -84,10 +82,14 @@ class DeviceImageDataset(torch.utils.data.Dataset):
         cutout: int = 0,
         alternating_flip: bool = False,
         seed: int = 0,
+        channels_last: bool = False,
+        crop_padding: int = 4,
     ):
         self.train, self.cutout, self.alternating_flip, self.seed = train, cutout, alternating_flip, seed
+        self.padding = crop_padding if train else 0
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.labels = labels
-        self.images = reflect_pad(images, PADDING) if train else images
+        self.images = reflect_pad(images, self.padding) if self.padding else images
         device = images.device
         # x -> (x / 255 - mean) / std as one multiply-add in float32.
         self.scale = (1 / (255 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
@@ -103,7 +105,7 @@ class DeviceImageDataset(torch.utils.data.Dataset):
             return
         count, device = len(self.labels), self.labels.device
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        self.offsets = torch.randint(0, 2 * PADDING + 1, (count, 2), generator=generator).to(device)
+        self.offsets = torch.randint(0, 2 * self.padding + 1, (count, 2), generator=generator).to(device)
         self.flips = torch.rand(count, generator=generator).to(device) < 0.5
         if self.alternating_flip:
             # A random half is flipped in even epochs and the other half in odd ones, so over two
@@ -117,7 +119,8 @@ class DeviceImageDataset(torch.utils.data.Dataset):
         images = self.images[index]
         if self.train:
             images = self._augment(images, index)
-        return images.float().mul_(self.scale).add_(self.shift), self.labels[index]
+        normalised = images.float().mul_(self.scale).add_(self.shift)
+        return normalised.contiguous(memory_format=self.memory_format), self.labels[index]
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([position])
@@ -125,12 +128,12 @@ class DeviceImageDataset(torch.utils.data.Dataset):
 
     def _augment(self, padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         batch, channels, padded_size, _ = padded.shape
-        size = padded_size - 2 * PADDING
+        size, shifts = padded_size - 2 * self.padding, 2 * self.padding + 1
         # Every 32x32 window of each padded image as a strided view, then one gather picks each
         # example's window: a single copy for the whole batch.
         stride = padded.stride()
         windows = padded.as_strided(
-            (batch, 2 * PADDING + 1, 2 * PADDING + 1, channels, size, size),
+            (batch, shifts, shifts, channels, size, size),
             (stride[0], stride[2], stride[3], stride[1], stride[2], stride[3]),
         )
         offsets = self.offsets[index]
@@ -165,12 +168,15 @@ def make_device_dataloader(
     cutout: int = 0,
     alternating_flip: bool = False,
     seed: int = 0,
+    channels_last: bool = False,
+    crop_padding: int = 4,
 ) -> DataLoader:
     """Same batches as ``make_dataloader`` (shuffled when training), served from device memory."""
     images, labels = decode_split(dataset, data.image_column, data.label_column)
     device_dataset = DeviceImageDataset(
-        images.to(device), labels.to(device), data.mean, data.std, train, cutout, alternating_flip, seed
-    )
+        images.to(device), labels.to(device), data.mean, data.std, train, cutout, alternating_flip, seed, channels_last,
+        crop_padding,
+    )  # fmt: skip
     return DataLoader(
         device_dataset,
         batch_size=batch_size,

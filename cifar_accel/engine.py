@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from cifar_accel import __version__
 from cifar_accel.checkpoint import model_config, save_model
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import DataBundle, default_num_workers, load_data, make_dataloader
+from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.errors import UserError
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 from cifar_accel.reporting import RunFolder, format_epoch_line
+from cifar_accel.tricks import Lookahead, tta_logits
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -43,17 +44,18 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
         cpu=use_cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
+        dynamo_backend="inductor" if config.compile else None,
     )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator: Accelerator) -> dict:
+def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0) -> dict:
     """Loss, top-1 and top-5 over every example of ``loader`` exactly once, on all processes."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5 sums
     count = 0
     for images, labels in loader:
-        logits = model(images).float()
+        logits = tta_logits(model, images, tta_level).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
         top_k = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top_k == labels[:, None]
@@ -65,7 +67,7 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator) -> dict:
     return {"loss": loss, "top1": top1, "top5": top5, "n": count}
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator, progress) -> dict:
+def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator, progress, lookahead=None) -> dict:
     model.train()
     # Running sums stay on the device: no host sync inside the step.
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, examples
@@ -77,6 +79,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator,
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        if lookahead is not None and accelerator.sync_gradients:
+            lookahead.step()
         totals[0] += loss.detach().double() * len(labels)
         totals[1] += (logits.argmax(dim=1) == labels).sum()
         totals[2] += len(labels)
@@ -129,17 +133,23 @@ def train(config: TrainConfig) -> dict:
         batch_size = config.batch_size if train else config.eval_batch_size
         if config.data_loader == "device":
             return make_device_dataloader(
-                split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip, config.seed
-            )
+                split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip,
+                config.seed, config.channels_last, config.crop_padding,
+            )  # fmt: skip
         return make_dataloader(
-            split, data, train, batch_size, config.num_workers, cutout=config.cutout, seed=config.seed
-        )
+            split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,
+            config.crop_padding,
+        )  # fmt: skip
 
     # The main process builds the datasets and decoded-image caches first; the others then read them.
     with accelerator.main_process_first():
         data = load_data(config)
         train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
+    if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
+        model.initialize_whitening(first_images(data.train, data, count=5000))
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if config.sync_batchnorm and accelerator.num_processes > 1:
         if accelerator.device.type != "cuda":
             raise UserError("--sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
@@ -147,7 +157,7 @@ def train(config: TrainConfig) -> dict:
     optimizer = build_optimizer(model, config)
     # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
     updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    scheduler = build_scheduler(optimizer, config, total_steps=updates_per_epoch * config.epochs)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=updates_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
@@ -165,6 +175,9 @@ def train(config: TrainConfig) -> dict:
         f"global batch {resolved['global_batch_size']}, mixed precision {accelerator.mixed_precision}"
     )
 
+    lookahead = (
+        Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
+    )
     best: dict = {"eval_top1": -1.0}
     with tqdm(
         total=len(train_loader) * config.epochs,
@@ -177,7 +190,11 @@ def train(config: TrainConfig) -> dict:
             progress.set_description(f"epoch {epoch}/{config.epochs}")
             epoch_start = time.perf_counter()
             learning_rate = scheduler.get_last_lr()[0]
-            train_stats = train_one_epoch(model, train_loader, optimizer, scheduler, criterion, accelerator, progress)
+            train_stats = train_one_epoch(
+                model, train_loader, optimizer, scheduler, criterion, accelerator, progress, lookahead
+            )
+            if lookahead is not None and epoch == config.epochs:
+                lookahead.finish()  # the last epoch is evaluated and saved as the average
             train_seconds = time.perf_counter() - epoch_start
             if not math.isfinite(train_stats["train_loss"]):
                 raise UserError(
@@ -201,8 +218,7 @@ def train(config: TrainConfig) -> dict:
                 best = record
                 if run_folder:
                     save_model(accelerator.unwrap_model(model), run_folder.best_model_dir, saved_model_config)
-                if data.test is not None:
-                    best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     accelerator.wait_for_everyone()
 
     results = {
@@ -212,11 +228,15 @@ def train(config: TrainConfig) -> dict:
         "total_seconds": time.perf_counter() - start_time,
         "num_processes": accelerator.num_processes,
     }
+    model.load_state_dict(best_state)
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
         results["test_split"] = config.eval_split
-        model.load_state_dict(best_state)
-        results["test_metrics"] = evaluate(model, accelerator.prepare(loader(data.test)), accelerator)
+        test_loader = accelerator.prepare(loader(data.test))
+        results["test_metrics"] = evaluate(model, test_loader, accelerator, config.tta_level)
+    elif config.tta_level:
+        results["tta_metrics"] = evaluate(model, eval_loader, accelerator, config.tta_level)
+    results["tta_level"] = config.tta_level
     if run_folder:
         run_folder.save_results(results)
         accelerator.print(

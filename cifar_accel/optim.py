@@ -12,18 +12,42 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=config.learning_rate,
-            momentum=config.momentum,
-            nesterov=config.nesterov and config.momentum > 0,
-            weight_decay=config.weight_decay,
+def parameter_groups(model: nn.Module, config) -> list[dict]:
+    """Three groups: the rest, BatchNorm biases (faster learning rate), a whitening layer's bias.
+
+    BatchNorm biases get ``bias_lr_scale`` times the learning rate and weight decay divided by it,
+    so that the decay applied per step (learning rate x decay) stays that of the other weights.
+    """
+    norm_biases = {id(module.bias) for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)}
+    whitening = getattr(model, "whiten", None)
+    whitening_bias = {id(whitening.bias)} if whitening is not None else set()
+    groups = {"other": [], "norm_bias": [], "whitening_bias": []}
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        name = (
+            "norm_bias"
+            if id(parameter) in norm_biases
+            else "whitening_bias"
+            if id(parameter) in whitening_bias
+            else "other"
         )
-    return torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(config.momentum, 0.999), weight_decay=config.weight_decay
-    )
+        groups[name].append(parameter)
+    scale = config.bias_lr_scale
+    return [
+        {"name": "other", "params": groups["other"], "lr": config.learning_rate, "weight_decay": config.weight_decay},
+        {"name": "norm_bias", "params": groups["norm_bias"], "lr": config.learning_rate * scale,
+         "weight_decay": config.weight_decay / scale},
+        {"name": "whitening_bias", "params": groups["whitening_bias"], "lr": config.learning_rate,
+         "weight_decay": config.weight_decay},
+    ]  # fmt: skip
+
+
+def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+    return torch.optim.AdamW(groups, betas=(config.momentum, 0.999))
 
 
 def _onecycle(progress: float) -> float:
@@ -63,7 +87,17 @@ def lr_multiplier(config, total_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) -> LambdaLR:
-    """``total_steps`` counts optimizer updates of a single process seeing the whole dataset;
+def frozen_after(multiplier: Callable[[int], float], last_step: int | None) -> Callable[[int], float]:
+    """The same schedule, but zero from ``last_step`` on: the group stops moving (airbench's whitening bias)."""
+    if last_step is None:
+        return multiplier
+    return lambda step: multiplier(step) if step < last_step else 0.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: int) -> LambdaLR:
+    """``steps_per_epoch`` counts optimizer updates of a single process seeing the whole dataset;
     Accelerate's prepared scheduler advances it once per process per update to match."""
-    return LambdaLR(optimizer, lr_multiplier(config, total_steps))
+    multiplier = lr_multiplier(config, steps_per_epoch * config.epochs)
+    whitening_steps = None if config.whiten_bias_epochs is None else steps_per_epoch * config.whiten_bias_epochs
+    per_group = {"whitening_bias": frozen_after(multiplier, whitening_steps)}
+    return LambdaLR(optimizer, [per_group.get(group["name"], multiplier) for group in optimizer.param_groups])

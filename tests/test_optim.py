@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from cifar_accel.optim import build_optimizer, build_scheduler
 def _learning_rates(config: TrainConfig, total_steps: int = 100) -> list[float]:
     model = torch.nn.Linear(2, 2)
     optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config, total_steps)
+    scheduler = build_scheduler(optimizer, dataclasses.replace(config, epochs=1), steps_per_epoch=total_steps)
     rates = []
     for _ in range(total_steps):
         rates.append(scheduler.get_last_lr()[0])
@@ -45,6 +47,25 @@ def test_optimizers_take_the_configured_hyperparameters(name):
     optimizer = build_optimizer(
         torch.nn.Linear(2, 2), TrainConfig(optimizer=name, learning_rate=0.3, weight_decay=0.01)
     )
-    group = optimizer.param_groups[0]
+    group = optimizer.param_groups[0]  # a Linear layer: every parameter is in the plain group
     assert group["lr"] == 0.3 and group["weight_decay"] == 0.01
     assert isinstance(optimizer, torch.optim.SGD if name == "sgd" else torch.optim.AdamW)
+
+
+def test_airbench_groups_speed_up_batchnorm_biases_and_freeze_the_whitening_bias():
+    from cifar_accel.models import get_model
+
+    model = get_model("airbench94", num_classes=10)
+    config = TrainConfig(learning_rate=2.0, weight_decay=0.01, bias_lr_scale=64, whiten_bias_epochs=1, epochs=3)
+    optimizer = build_optimizer(model, config)
+    groups = {group["name"]: group for group in optimizer.param_groups}
+    assert groups["norm_bias"]["lr"] == 128.0 and groups["norm_bias"]["weight_decay"] == 0.01 / 64
+    assert [p.shape for p in groups["whitening_bias"]["params"]] == [torch.Size([24])]
+    frozen = {id(model.whiten.weight)} | {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert not frozen & {id(p) for group in optimizer.param_groups for p in group["params"]}
+    scheduler = build_scheduler(optimizer, dataclasses.replace(config, warmup_fraction=0), steps_per_epoch=10)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert rates["whitening_bias"] == 0.0 and rates["other"] > 0 and rates["norm_bias"] == 64 * rates["other"]
