@@ -10,63 +10,11 @@ Augmentation parameters are drawn per example and per epoch from ``(seed, epoch)
 example gets the same crop and flip whichever process, batch or attempt fetches it.
 """
 
-import io
-import os
-from pathlib import Path
-
-import numpy as np
 import torch
-from datasets import Dataset, Image
-from PIL import Image as PILImage
-from safetensors.torch import load_file, save_file
+from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from cifar_accel.data import DataBundle
-
-
-def cache_directory() -> Path:
-    return Path(os.environ.get("CIFAR_ACCEL_CACHE", Path.home() / ".cache" / "cifar_accel"))
-
-
-def _decode(encoded: dict) -> np.ndarray:
-    source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
-    with PILImage.open(source) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-def decode_split(dataset: Dataset, image_column: str, label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache."""
-    path = cache_directory() / f"{dataset._fingerprint}-{image_column}-{label_column}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
-        return tensors["images"], tensors["labels"]
-    raw = dataset.cast_column(image_column, Image(decode=False)).select_columns([image_column, label_column])
-    images, labels = [], []
-    for batch in raw.iter(batch_size=1000):
-        images.extend(_decode(encoded) for encoded in batch[image_column])
-        labels.extend(batch[label_column])
-    tensors = {
-        "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)  # readers never see half a cache file
-    return tensors["images"], tensors["labels"]
-
-
-def reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:
-    """Reflect-pad the last two dimensions with slice copies (uint8 on every device, no float copy)."""
-    height, width = images.shape[-2:]
-    out = images.new_empty(*images.shape[:-2], height + 2 * padding, width + 2 * padding)
-    out[..., padding:-padding, padding:-padding] = images
-    out[..., :padding, padding:-padding] = images[..., 1 : padding + 1, :].flip(-2)
-    out[..., -padding:, padding:-padding] = images[..., -padding - 1 : -1, :].flip(-2)
-    # The columns are mirrored from the row-padded result, which fills the corners too.
-    out[..., :padding] = out[..., padding + 1 : 2 * padding + 1].flip(-1)
-    out[..., -padding:] = out[..., -2 * padding - 1 : -padding - 1].flip(-1)
-    return out
+from cifar_accel.data import DataBundle, decode_split, reflect_pad
 
 
 class DeviceImageDataset(torch.utils.data.Dataset):

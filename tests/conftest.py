@@ -51,6 +51,12 @@ def write_hub_layout(
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_image_cache(tmp_path_factory):
+    """Decoded-image caches go to a temporary folder, for this process and the runs it starts."""
+    os.environ["CIFAR_ACCEL_CACHE"] = str(tmp_path_factory.mktemp("decoded"))
+
+
 @pytest.fixture(scope="session")
 def colour_dataset(tmp_path_factory) -> Path:
     """Four learnable colour classes; 101 test images so that no batch or process count divides them."""
