@@ -5,7 +5,7 @@ DATASET ?= uoft-cs/cifar10
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: train test smoke lint clean
+.PHONY: train test smoke benchmarks-quick lint clean
 
 # Reinstall whenever the package metadata changes; the code itself is installed editable.
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -24,8 +24,15 @@ test: $(VENV)/.installed
 smoke: $(VENV)/.installed
 	$(BIN)/python tests/smoke_real_data.py --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 
+# Every benchmark end to end on a small subset (run by .ci/run so that they keep working).
+benchmarks-quick: $(VENV)/.installed
+	$(BIN)/python benchmarks/data_throughput.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
+	$(BIN)/python benchmarks/loop_overhead.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
+	$(BIN)/python benchmarks/time_to_accuracy.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10) \
+		--results_dir $(or $(TMPDIR),/tmp)
+
 lint: $(VENV)/.installed
-	$(BIN)/ruff check cifar_accel tests train.py
+	$(BIN)/ruff check cifar_accel tests benchmarks train.py
 
 clean:
 	rm -rf $(VENV) output

@@ -108,12 +108,13 @@ def main() -> None:
         print("no CUDA device (or --quick): timing our side only; airbench runs only on CUDA", flush=True)
 
     results: dict[str, list[dict]] = {name: [] for name in sides}
-    for round_index in range(runs + 1):  # round 0 is the warm-up of each side and is not counted
+    first_round = 1 if args.quick else 0  # round 0 warms each side up and is not counted; --quick skips it
+    for round_index in range(first_round, runs + 1):
         for name, run in sides.items():
             outcome = run()
             label = "warm-up" if round_index == 0 else f"run {round_index}"
             print(f"{label} {name}: accuracy {outcome['accuracy']:.4f}, {outcome['seconds']:.2f} s", flush=True)
-            if round_index or args.quick:
+            if round_index:
                 results[name].append(outcome)
 
     record = {
