@@ -5,7 +5,15 @@ from cifar_accel.cli import main
 
 def test_models_command_lists_every_registered_model(capsys):
     main(["models"])
-    assert capsys.readouterr().out.split() == ["airbench94", "bn_cnn", "resnet18", "resnet34", "resnet9", "simple_cnn"]
+    assert capsys.readouterr().out.split() == [
+        "airbench94",
+        "airbench96",
+        "bn_cnn",
+        "resnet18",
+        "resnet34",
+        "resnet9",
+        "simple_cnn",
+    ]
 
 
 @pytest.mark.parametrize(("argv", "problem"), [(["bogus"], "unknown command 'bogus'"), ([], "no command given")])

@@ -12,7 +12,9 @@ def _layers(model: nn.Module, kind: type) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, kind)]
 
 
-@pytest.mark.parametrize("name", ["simple_cnn", "bn_cnn", "resnet9", "resnet18", "resnet34"])
+@pytest.mark.parametrize(
+    "name", ["simple_cnn", "bn_cnn", "resnet9", "resnet18", "resnet34", "airbench94", "airbench96"]
+)
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_every_model_maps_32x32_images_to_class_logits(name, num_classes):
     model = get_model(name, num_classes=num_classes).eval()
@@ -22,7 +24,7 @@ def test_every_model_maps_32x32_images_to_class_logits(name, num_classes):
 
 
 def test_registry_lists_the_foundation_models():
-    assert {"simple_cnn", "bn_cnn", "resnet9", "resnet18", "resnet34"} <= set(list_models())
+    assert {"simple_cnn", "bn_cnn", "resnet9", "resnet18", "resnet34", "airbench94", "airbench96"} <= set(list_models())
 
 
 def test_unknown_model_names_the_valid_ones():
@@ -75,3 +77,11 @@ def test_constructor_arguments_round_trip_through_json():
     arguments = json.loads(json.dumps({"dropout": 0.25}))
     model = get_model("simple_cnn", num_classes=7, **arguments)
     assert [d.p for d in _layers(model, nn.Dropout2d)] == [0.25]
+
+
+def test_airbench96_groups_add_a_residual_third_convolution():
+    small = get_model("airbench94", num_classes=10)
+    large = get_model("airbench96", num_classes=10)
+    assert [g.conv1.out_channels for g in small.groups] == [64, 256, 256]
+    assert [g.conv1.out_channels for g in large.groups] == [128, 512, 512]
+    assert all(g.residual and hasattr(g, "conv3") for g in large.groups) and not small.groups[0].residual

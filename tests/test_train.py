@@ -115,7 +115,7 @@ def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path, dat
     [
         ("--dataset /no/such/cifar", "error: dataset path '/no/such/cifar' does not exist"),
         ("--image_column pixels", "error: image column 'pixels' not found; columns present: img, label"),
-        ("--model resnet7", "error: unknown model 'resnet7'; choose one of: airbench94, bn_cnn,"),
+        ("--model resnet7", "error: unknown model 'resnet7'; choose one of: airbench94, airbench96, bn_cnn,"),
         (
             "--model bn_cnn --batch_size 8 --learning_rate 1e12 --warmup_fraction 0 --num_workers 0",
             "error: training loss became nan in epoch 1; lower --learning_rate",

@@ -1,9 +1,10 @@
-"""The airbench94 network (Keller Jordan's CIFAR-10 speed-run line, 2024), written for this registry.
+"""The airbench networks (Keller Jordan's CIFAR-10 speed-run line, 2024), written for this registry.
 
 whitening 2x2 conv (frozen weights from the data, bias trained briefly) -> GELU -> three groups of
-conv-pool-BatchNorm-GELU, conv-BatchNorm-GELU (widths 64/256/256) -> 3x3 max-pool -> linear, with the
-logits scaled by 1/9. BatchNorm has no trainable weight; convolutions start as partial identities.
-Under mixed precision, autocast keeps BatchNorm in fp32.
+conv-pool-BatchNorm-GELU, conv-BatchNorm-GELU -> 3x3 max-pool -> linear, with the logits scaled by 1/9.
+airbench94 has widths 64/256/256; airbench96 has 128/512/512 and a third conv per group whose output
+is added back to the group's first activation (a residual). BatchNorm has no trainable weight;
+convolutions start as partial identities. Under mixed precision, autocast keeps BatchNorm in fp32.
 """
 
 import torch
@@ -44,7 +45,7 @@ def identity_init(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 class ConvGroup(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, batchnorm_momentum: float):
+    def __init__(self, in_channels: int, out_channels: int, batchnorm_momentum: float, residual: bool = False):
         super().__init__()
         self.conv1 = identity_init(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False))
         self.pool = nn.MaxPool2d(2)
@@ -52,10 +53,17 @@ class ConvGroup(nn.Module):
         self.conv2 = identity_init(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False))
         self.norm2 = BatchNormWithoutWeight(out_channels, batchnorm_momentum)
         self.activation = nn.GELU()
+        self.residual = residual
+        if residual:
+            self.conv3 = identity_init(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False))
+            self.norm3 = BatchNormWithoutWeight(out_channels, batchnorm_momentum)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
-        return self.activation(self.norm2(self.conv2(x)))
+        out = self.activation(self.norm2(self.conv2(x)))
+        if self.residual:
+            out = x + self.activation(self.norm3(self.conv3(out)))
+        return out
 
 
 class AirbenchNet(nn.Module):
@@ -65,6 +73,7 @@ class AirbenchNet(nn.Module):
         widths: tuple[int, int, int] = (64, 256, 256),
         batchnorm_momentum: float = 0.4,
         logit_scale: float = 1 / 9,
+        residual: bool = False,
     ):
         super().__init__()
         whitening_width = 2 * 3 * WHITENING_KERNEL**2
@@ -73,7 +82,7 @@ class AirbenchNet(nn.Module):
         self.activation = nn.GELU()
         in_widths = (whitening_width, *widths[:-1])
         self.groups = nn.Sequential(
-            *(ConvGroup(i, o, batchnorm_momentum) for i, o in zip(in_widths, widths, strict=True))
+            *(ConvGroup(i, o, batchnorm_momentum, residual) for i, o in zip(in_widths, widths, strict=True))
         )
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
@@ -92,3 +101,8 @@ class AirbenchNet(nn.Module):
 @register_model
 def airbench94(num_classes: int = 10, widths: list[int] | None = None) -> nn.Module:
     return AirbenchNet(num_classes=num_classes, widths=tuple(widths or (64, 256, 256)))
+
+
+@register_model
+def airbench96(num_classes: int = 10, widths: list[int] | None = None) -> nn.Module:
+    return AirbenchNet(num_classes=num_classes, widths=tuple(widths or (128, 512, 512)), residual=True)
