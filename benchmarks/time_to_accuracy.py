@@ -14,6 +14,7 @@ only our side runs. Per-run JSON goes to ``benchmarks/results/``.
 """
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -60,8 +61,9 @@ def run_airbench(variant: str) -> dict:
     import airbench
 
     train_function = getattr(airbench, f"train{variant}")
+    hyperparameters = importlib.import_module(f"airbench.lib_airbench{variant}").hyp  # its own batch and augmentation
     loader = airbench.CifarLoader(
-        "cifar10", train=True, batch_size=1024, aug={"flip": True, "translate": 2}, altflip=True
+        "cifar10", train=True, batch_size=hyperparameters["opt"]["batch_size"], aug=hyperparameters["aug"], altflip=True
     )
     test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
     torch.cuda.synchronize()
