@@ -62,6 +62,7 @@ class TrainConfig:
     nesterov: bool = _option(True, "use Nesterov momentum with SGD")
     scheduler: str = _option("onecycle", "learning-rate schedule after warm-up", SCHEDULERS)
     warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up from zero")
+    final_lr_fraction: float = _option(0.0, "onecycle/cosine: decay to this fraction of the peak instead of zero")
     milestones: list[float] = _option([0.5, 0.75], "multistep: fractions of training where lr is multiplied by gamma")
     gamma: float = _option(0.1, "multistep: factor applied at each milestone")
     label_smoothing: float = _option(0.2, "label smoothing of the training loss")
@@ -97,6 +98,8 @@ class TrainConfig:
             raise UserError(f"--tta_level must be 0, 1 or 2, got {self.tta_level!r}")
         if self.bias_lr_scale <= 0:
             raise UserError(f"--bias_lr_scale must be positive, got {self.bias_lr_scale!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise UserError(f"--final_lr_fraction must be between 0 and 1, got {self.final_lr_fraction!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
         if self.alternating_flip and self.data_loader != "device":

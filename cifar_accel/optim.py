@@ -82,7 +82,8 @@ def lr_multiplier(config, total_steps: int) -> Callable[[int], float]:
         # Multistep milestones are fractions of the whole run; the others decay after warm-up.
         if config.scheduler == "multistep":
             return decay(step / total_steps)
-        return decay(min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return config.final_lr_fraction + (1 - config.final_lr_fraction) * decay(progress)
 
     return multiplier
 

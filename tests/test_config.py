@@ -68,15 +68,15 @@ def test_malformed_flags_exit_with_status_2(argv, capsys):
 
 
 def test_a_recipe_sets_values_and_explicit_flags_override_it():
-    config = parse_train_args(["--recipe", "resnet18", "--epochs", "3", "--no-nesterov"])
+    config = parse_train_args(["--recipe", "resnet18", "--epochs", "3", "--nesterov"])
     assert (config.recipe, config.model, config.scheduler, config.learning_rate) == (
         "resnet18",
         "resnet18",
-        "cosine",
+        "multistep",
         0.1,
     )
-    assert config.epochs == 3 and config.nesterov is False  # given on the command line
-    assert config.to_dict()["weight_decay"] == 5e-4  # the resolved value is what train_config.json records
+    assert config.epochs == 3 and config.nesterov is True  # given on the command line, over the recipe's false
+    assert config.to_dict()["weight_decay"] == 1e-4  # the resolved value is what train_config.json records
 
 
 def test_every_shipped_recipe_is_complete_and_valid():

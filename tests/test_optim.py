@@ -34,6 +34,12 @@ def test_cosine_without_warm_up_starts_at_the_peak_and_halves_midway():
     assert rates[50] == pytest.approx(0.5)
 
 
+def test_cosine_can_end_at_a_floor_instead_of_zero():
+    config = TrainConfig(scheduler="cosine", learning_rate=0.025, warmup_fraction=0.0, final_lr_fraction=0.04)
+    rates = _learning_rates(config, total_steps=101)
+    assert rates[0] == pytest.approx(0.025) and rates[-1] == pytest.approx(0.001, rel=0.01)
+
+
 def test_multistep_multiplies_by_gamma_at_each_milestone():
     config = TrainConfig(
         scheduler="multistep", learning_rate=1.0, warmup_fraction=0.0, milestones=[0.5, 0.75], gamma=0.1
