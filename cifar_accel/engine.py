@@ -145,6 +145,7 @@ def train(config: TrainConfig) -> dict:
     with accelerator.main_process_first():
         data = load_data(config)
         train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
+    data_ready_time = time.perf_counter()  # speed runs time from here: data loaded, model not yet built
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
         model.initialize_whitening(first_images(data.train, data, count=5000))
@@ -179,7 +180,6 @@ def train(config: TrainConfig) -> dict:
         Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
     )
     best: dict = {"eval_top1": -1.0}
-    data_ready_time = time.perf_counter()  # data on the device, model built: what speed runs time
     with tqdm(
         total=len(train_loader) * config.epochs,
         disable=not accelerator.is_main_process,
