@@ -246,8 +246,21 @@ def reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:
     return out
 
 
+def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero a ``size``x``size`` square around each image's (row, column) centre, clipped at the border.
+
+    ``images`` is [N, C, H, W] and ``centres`` [N, 2]; both loaders erase with this one function.
+    """
+    top_left = centres - size // 2
+    rows = torch.arange(images.shape[-2], device=images.device)
+    columns = torch.arange(images.shape[-1], device=images.device)
+    in_rows = (rows >= top_left[:, :1]) & (rows < top_left[:, :1] + size)
+    in_columns = (columns >= top_left[:, 1:]) & (columns < top_left[:, 1:] + size)
+    return images.masked_fill((in_rows[:, :, None] & in_columns[:, None, :])[:, None], 0)
+
+
 class Cutout(v2.Transform):
-    """Zero a ``size``x``size`` square at a uniformly random centre (clipped at the border)."""
+    """transforms.v2 wrapper of ``cutout`` for one image: a uniformly random centre per call."""
 
     def __init__(self, size: int):
         super().__init__()
@@ -255,22 +268,12 @@ class Cutout(v2.Transform):
 
     def make_params(self, flat_inputs: list) -> dict:
         height, width = v2.query_size(flat_inputs)
-        centre_y = int(torch.randint(height, ()))
-        centre_x = int(torch.randint(width, ()))
-        half = self.size // 2
-        return {
-            "top": max(centre_y - half, 0),
-            "bottom": min(centre_y - half + self.size, height),
-            "left": max(centre_x - half, 0),
-            "right": min(centre_x - half + self.size, width),
-        }
+        return {"centre": torch.stack([torch.randint(height, ()), torch.randint(width, ())])}
 
     def transform(self, inpt, params: dict):
         if not isinstance(inpt, torch.Tensor):
             return inpt
-        erased = inpt.clone()
-        erased[..., params["top"] : params["bottom"], params["left"] : params["right"]] = 0
-        return erased
+        return cutout(inpt[None], params["centre"][None], self.size)[0]
 
 
 def build_augmentation(cutout: int = 0) -> v2.Compose:
@@ -349,8 +352,8 @@ class BatchCollator:
 
 def first_images(dataset: Dataset, data: DataBundle, count: int) -> torch.Tensor:
     """The first ``count`` images of a split, normalised and not augmented (e.g. for whitening)."""
-    images, labels = decode_split(dataset, data.image_column, data.label_column)
-    return BatchCollator(data.mean, data.std)(list(zip(images[:count], labels[:count].tolist(), strict=True)))[0]
+    images, _ = decode_split(dataset, data.image_column, data.label_column)
+    return BatchCollator(data.mean, data.std).normalize(images[:count])
 
 
 def default_num_workers(num_processes: int) -> int:

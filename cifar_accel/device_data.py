@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from cifar_accel.data import DataBundle, decode_split, reflect_pad
+from cifar_accel.data import DataBundle, cutout, decode_split, reflect_pad
 
 
 class DeviceImageDataset(torch.utils.data.Dataset):
@@ -91,16 +91,6 @@ class DeviceImageDataset(torch.utils.data.Dataset):
         if self.cutout:
             images = cutout(images, self.cutout_centres[index], self.cutout)
         return images
-
-
-def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero a ``size``x``size`` square around each image's centre (clipped at the border)."""
-    coordinates = torch.arange(images.shape[-1], device=images.device)
-    top_left = centres - size // 2
-    rows = (coordinates >= top_left[:, :1]) & (coordinates < top_left[:, :1] + size)
-    columns = (coordinates >= top_left[:, 1:]) & (coordinates < top_left[:, 1:] + size)
-    erase = rows[:, :, None] & columns[:, None, :]
-    return images.masked_fill(erase[:, None], 0)
 
 
 def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

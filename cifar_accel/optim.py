@@ -23,16 +23,8 @@ def parameter_groups(model: nn.Module, config) -> list[dict]:
     whitening_bias = {id(whitening.bias)} if whitening is not None else set()
     groups = {"other": [], "norm_bias": [], "whitening_bias": []}
     for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        name = (
-            "norm_bias"
-            if id(parameter) in norm_biases
-            else "whitening_bias"
-            if id(parameter) in whitening_bias
-            else "other"
-        )
-        groups[name].append(parameter)
+        if parameter.requires_grad:
+            groups[_group_name(id(parameter), norm_biases, whitening_bias)].append(parameter)
     scale = config.bias_lr_scale
     return [
         {"name": "other", "params": groups["other"], "lr": config.learning_rate, "weight_decay": config.weight_decay},
@@ -41,6 +33,12 @@ def parameter_groups(model: nn.Module, config) -> list[dict]:
         {"name": "whitening_bias", "params": groups["whitening_bias"], "lr": config.learning_rate,
          "weight_decay": config.weight_decay},
     ]  # fmt: skip
+
+
+def _group_name(parameter_id: int, norm_biases: set[int], whitening_bias: set[int]) -> str:
+    if parameter_id in norm_biases:
+        return "norm_bias"
+    return "whitening_bias" if parameter_id in whitening_bias else "other"
 
 
 def build_optimizer(model: nn.Module, config) -> torch.optim.Optimizer:
