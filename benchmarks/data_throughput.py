@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import load_data, make_dataloader
-from cifar_accel.device_data import decode_split, make_device_dataloader
+from cifar_accel.data import decode_split, load_data, make_dataloader, measure_loader_throughput
+from cifar_accel.device_data import make_device_dataloader
 
 TARGETS = {"(b) datasets + transforms.v2": 1.0, "(c) device loader, CPU": 10.0}
 
@@ -40,14 +40,8 @@ class ClassicCifar(torch.utils.data.Dataset):
 
 def images_per_second(loader, passes: int) -> float:
     """Best of ``passes`` full epochs, after one warm-up batch (worker start-up is not counted)."""
-    next(iter(loader))
-    best = 0.0
-    for _ in range(passes):
-        count, start = 0, time.perf_counter()
-        for images, _ in loader:
-            count += len(images)
-        best = max(best, count / (time.perf_counter() - start))
-    return best
+    measure_loader_throughput(loader, max_batches=1)
+    return max(measure_loader_throughput(loader) for _ in range(passes))
 
 
 def main() -> None:

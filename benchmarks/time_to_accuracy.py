@@ -30,8 +30,7 @@ import datasets
 import torch
 
 from cifar_accel.config import TrainConfig, parse_train_args
-from cifar_accel.data import load_data
-from cifar_accel.device_data import decode_split
+from cifar_accel.data import decode_split, load_data
 from cifar_accel.engine import train
 from cifar_accel.recipes import list_recipes
 
