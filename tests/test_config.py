@@ -84,7 +84,7 @@ def test_every_shipped_recipe_is_complete_and_valid():
     from cifar_accel.recipes import list_recipes
 
     recipes = list_recipes()
-    assert {"airbench94", "airbench96", "resnet18", "resnet18_darts", "superconvergence", "bn_cnn"} <= set(recipes)
+    assert {"airbench94", "airbench96", "resnet18", "resnet18_darts", "superconvergence", "bn_cnn", "simple_cnn"} <= set(recipes)
     for name, description in recipes.items():
         assert description and "\n" not in description
         assert parse_train_args(["--recipe", name]).model in list_models()
