@@ -1,6 +1,7 @@
 """Command-line entry points: ``cifar-accel train|evaluate|models|loader-speed`` and ``train.py``.
 
-Every entry point turns a ``UserError`` into one line on stderr and exit status 2.
+Every entry point turns a ``UserError`` into one line on stderr and exit status 2, and a
+run stopped by SIGINT/SIGTERM into exit status 130/143.
 Heavy imports happen inside the commands so that ``--help`` stays fast.
 """
 
@@ -8,16 +9,20 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
-from cifar_accel.errors import UserError
+from cifar_accel.config import OneLineErrorParser
+from cifar_accel.errors import StoppedBySignal, UserError
 
 
-def _run(command: Callable[[], object]) -> None:
+def _run(command: Callable[[], Any]) -> Any:
     try:
-        command()
+        return command()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except StoppedBySignal as stopped:  # the checkpoint and the resume command are already printed
+        raise SystemExit(stopped.exit_code) from None
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -37,18 +42,18 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cifar-accel evaluate", description="Evaluate a saved model on one split.")
+    parser = OneLineErrorParser(prog="cifar-accel evaluate", description="Evaluate a saved model on one split.")
     parser.add_argument("--model", required=True, help="folder holding model.safetensors and config.json")
     parser.add_argument("--split", default="test", help="split to evaluate")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples")
     _data_arguments(parser)
-    args = parser.parse_args(argv)
+    args = _run(lambda: parser.parse_args(argv))
 
     def evaluate_command() -> None:
-        from cifar_accel.checkpoint import load_model
         from cifar_accel.config import TrainConfig
         from cifar_accel.data import load_evaluation_data, make_dataloader
         from cifar_accel.engine import build_accelerator, evaluate
+        from cifar_accel.saved_model import load_model
 
         model, saved = load_model(args.model)
         data = load_evaluation_data(
@@ -67,13 +72,13 @@ def evaluate_main(argv: list[str] | None = None) -> None:
 
 
 def loader_speed_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="cifar-accel loader-speed", description="Images/s of the augmented training loader alone, one epoch."
     )
     parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N examples")
     parser.add_argument("--cutout", type=int, default=0, help="cutout square side in pixels (0: off)")
     _data_arguments(parser)
-    args = parser.parse_args(argv)
+    args = _run(lambda: parser.parse_args(argv))
 
     def loader_speed_command() -> None:
         from cifar_accel.config import TrainConfig
@@ -99,18 +104,16 @@ def loader_speed_main(argv: list[str] | None = None) -> None:
 def models_main(argv: list[str] | None = None) -> None:
     from cifar_accel.models import list_models
 
-    argparse.ArgumentParser(prog="cifar-accel models", description="List the registered architectures.").parse_args(
-        argv
-    )
+    parser = OneLineErrorParser(prog="cifar-accel models", description="List the registered architectures.")
+    _run(lambda: parser.parse_args(argv))
     print("\n".join(list_models()))
 
 
 def recipes_main(argv: list[str] | None = None) -> None:
     from cifar_accel.recipes import list_recipes
 
-    argparse.ArgumentParser(prog="cifar-accel recipes", description="List the shipped training recipes.").parse_args(
-        argv
-    )
+    parser = OneLineErrorParser(prog="cifar-accel recipes", description="List the shipped training recipes.")
+    _run(lambda: parser.parse_args(argv))
     recipes = list_recipes()
     width = max(map(len, recipes))
     print("\n".join(f"{name:<{width}}  {description}" for name, description in recipes.items()))

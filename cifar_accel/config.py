@@ -44,7 +44,7 @@ class TrainConfig:
     data_loader: str = _option(
         "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
     )
-    alternating_flip: bool = _option(False, "device loader: flip a random half in even epochs, the rest in odd ones")
+    alternating_flip: bool = _option(False, "flip a random half of the images in even epochs, the rest in odd ones")
     num_workers: int | None = _option(
         None, "DataLoader worker processes per device (default: CPU cores / processes, at most 8)"
     )
@@ -79,7 +79,11 @@ class TrainConfig:
     compile: bool = _option(False, "compile the model with torch.compile (through Accelerate's dynamo backend)")
     # Run
     output_dir: str = _option("output", "folder for the run's config, metrics and best model")
+    overwrite_output_dir: bool = _option(False, "replace the run already in --output_dir (otherwise refused)")
     seed: int = _option(0, "random seed for initialisation, shuffling and augmentation")
+    checkpointing_steps: str | None = _option(None, "save a resumable checkpoint every N steps, or every 'epoch'")
+    checkpoints_total_limit: int | None = _option(None, "keep only the newest K checkpoints")
+    resume_from_checkpoint: str | None = _option(None, "'latest' or a checkpoint folder: continue that run exactly")
 
     def validate(self) -> None:
         """Reject values that cannot work, with the flag name and what would be valid."""
@@ -87,7 +91,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "checkpoints_total_limit"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name} must be positive, got {value!r}")
@@ -102,8 +106,13 @@ class TrainConfig:
             raise UserError(f"--final_lr_fraction must be between 0 and 1, got {self.final_lr_fraction!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
-        if self.alternating_flip and self.data_loader != "device":
-            raise UserError("--alternating_flip needs --data_loader device")
+        every = self.checkpointing_steps
+        if every is not None and every != "epoch" and not (every.isdigit() and int(every) > 0):
+            raise UserError(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {every!r}")
+        from cifar_accel.models import list_models
+
+        if self.model not in list_models():
+            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
         for option_name, choices in (
             ("optimizer", OPTIMIZERS),
             ("scheduler", SCHEDULERS),
@@ -113,6 +122,10 @@ class TrainConfig:
                 raise UserError(
                     f"unknown --{option_name} {getattr(self, option_name)!r}; choose one of: {', '.join(choices)}"
                 )
+
+    @property
+    def checkpoint_every_steps(self) -> int | None:
+        return int(self.checkpointing_steps) if (self.checkpointing_steps or "").isdigit() else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,9 +151,30 @@ def _base_type(annotation: Any) -> Any:
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
+def _number(kind: type) -> Any:
+    """``int`` or ``float`` for argparse, with an error that says what was expected."""
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
+
+    return convert
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Argument errors become a ``UserError``: one line on stderr, no usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (see --help)")
+
+
 def _one_line_help(prog: str) -> argparse.HelpFormatter:
-    """Option and its help on one line: the longest option here is about 45 characters."""
-    return argparse.HelpFormatter(prog, max_help_position=50, width=170)
+    """Option and its help on one line: the longest option here is about 50 characters."""
+    return argparse.HelpFormatter(prog, max_help_position=56, width=176)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -158,14 +192,15 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            options.update(type=float, nargs="+", metavar="X")
+            options.update(type=_number(float), nargs="+", metavar="X")
         elif kind is dict:
             options.update(type=_parse_json_object, metavar="JSON")
         else:
             choices = config_field.metadata["choices"]
             if choices:
                 options["help"] = f"{help_text}; one of: {', '.join(choices)}"
-            options.update(type=kind, choices=choices, metavar="NAME" if choices else _METAVARS[kind])
+            converter = _number(kind) if kind in (int, float) else kind
+            options.update(type=converter, choices=choices, metavar="NAME" if choices else _METAVARS[kind])
         parser.add_argument(f"--{config_field.name}", **options)
 
 
@@ -186,7 +221,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then the recipe's settings, then the flags given explicitly: later wins."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train an image classifier on CIFAR-10 (or any dataset in its layout) with Accelerate.",
         formatter_class=_one_line_help,
         argument_default=argparse.SUPPRESS,  # only flags given explicitly reach the namespace

@@ -125,6 +125,18 @@ def _first(dataset: Dataset, count: int | None, flag: str) -> Dataset:
     return dataset.select(range(count))
 
 
+def check_labels(split: Dataset, label_column: str, num_classes: int, split_name: str) -> None:
+    """Every label must index a class: an out-of-range one would fail deep inside the loss."""
+    labels = np.asarray(split.with_format("numpy")[label_column])
+    outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(outside):
+        row = int(outside[0])
+        raise UserError(
+            f"label {int(labels[row])} in row {row} of split {split_name!r} is outside [0, {num_classes}) "
+            f"({len(outside)} such rows); labels of column {label_column!r} must be 0 to {num_classes - 1}"
+        )
+
+
 def compute_mean_std(images: torch.Tensor, max_images: int = 5000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] units over the first ``max_images`` uint8 NCHW images."""
     pixels = images[:max_images].double() / 255
@@ -143,9 +155,10 @@ def load_data(config: TrainConfig) -> DataBundle:
         raise UserError(f"label column {label_column!r} is {label_feature}, not a ClassLabel; class names are unknown")
     train = _first(train, config.max_train_samples, "--max_train_samples")
     test = _first(_get_split(splits, config.eval_split), config.max_eval_samples, "--max_eval_samples")
-    for split in (train, test):
+    for split, split_name in ((train, config.train_split), (test, config.eval_split)):
         detect_column(split, image_column, (), "image")
         detect_column(split, label_column, (), "label")
+        check_labels(split, label_column, label_feature.num_classes, split_name)
 
     evaluation, selection_split, held_out_test = test, config.eval_split, None
     if config.validation_size:
@@ -201,14 +214,16 @@ def cache_directory() -> Path:
     return Path(os.environ.get("CIFAR_ACCEL_CACHE", Path.home() / ".cache" / "cifar_accel"))
 
 
-def _decode(encoded: dict) -> np.ndarray:
+def _decode(encoded: dict, row: int) -> np.ndarray:
     source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
-    with PILImage.open(source) as image:
-        if image.size != (32, 32):
-            raise UserError(
-                f"images must be 32x32 pixels; found {image.size[0]}x{image.size[1]} ({encoded.get('path')})"
-            )
-        return np.asarray(image.convert("RGB"))
+    try:
+        with PILImage.open(source) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken or unknown files
+        raise UserError(f"the image in row {row} cannot be decoded ({error}); fix or drop that row") from None
+    if pixels.shape[:2] != (32, 32):
+        raise UserError(f"images must be 32x32 pixels; row {row} is {pixels.shape[1]}x{pixels.shape[0]}")
+    return pixels
 
 
 def decode_split(dataset: Dataset, image_column: str, label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +235,8 @@ def decode_split(dataset: Dataset, image_column: str, label_column: str) -> tupl
     raw = dataset.cast_column(image_column, Image(decode=False)).select_columns([image_column, label_column])
     images, labels = [], []
     for batch in raw.iter(batch_size=1000):
-        images.extend(_decode(encoded) for encoded in batch[image_column])
+        for encoded in batch[image_column]:
+            images.append(_decode(encoded, row=len(images)))
         labels.extend(batch[label_column])
     tensors = {
         "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
@@ -259,46 +275,81 @@ def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tens
     return images.masked_fill((in_rows[:, :, None] & in_columns[:, None, :])[:, None], 0)
 
 
-class Cutout(v2.Transform):
-    """transforms.v2 wrapper of ``cutout`` for one image: a uniformly random centre per call."""
+@dataclass
+class AugmentationDraws:
+    """Every training example's random choices for one epoch."""
 
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
+    offsets: torch.Tensor  # [N, 2] row and column of the 32x32 crop inside the padded image
+    flips: torch.Tensor  # [N] bool: mirror left-right
+    cutout_centres: torch.Tensor  # [N, 2] row and column of the erased square's centre
 
-    def make_params(self, flat_inputs: list) -> dict:
-        height, width = v2.query_size(flat_inputs)
-        return {"centre": torch.stack([torch.randint(height, ()), torch.randint(width, ())])}
-
-    def transform(self, inpt, params: dict):
-        if not isinstance(inpt, torch.Tensor):
-            return inpt
-        return cutout(inpt[None], params["centre"][None], self.size)[0]
+    def to(self, device: torch.device) -> "AugmentationDraws":
+        return AugmentationDraws(self.offsets.to(device), self.flips.to(device), self.cutout_centres.to(device))
 
 
-def build_augmentation(cutout: int = 0) -> v2.Compose:
-    """Per-image training augmentation of a reflect-padded uint8 CHW image: 32x32 crop, flip, cutout.
+def draw_augmentation(count: int, padding: int, seed: int, epoch: int, alternating_flip: bool) -> AugmentationDraws:
+    """One epoch's crops, flips and cutout centres, drawn from ``(seed, epoch)`` alone.
 
-    The padding is done once for the whole split (``reflect_pad``): cropping a padded copy is the
-    same random crop as ``RandomCrop(32, padding, padding_mode="reflect")`` at a fraction of the cost.
+    Nothing depends on which process, worker, batch or attempt fetches an example, so a run
+    resumed mid-epoch sees exactly the images an uninterrupted run would have seen.
     """
-    steps = [v2.RandomCrop(32), v2.RandomHorizontalFlip()]
-    if cutout:
-        steps.append(Cutout(cutout))
-    return v2.Compose(steps)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    offsets = torch.randint(0, 2 * padding + 1, (count, 2), generator=generator)
+    flips = torch.rand(count, generator=generator) < 0.5
+    if alternating_flip:
+        # A random half is flipped in even epochs and the other half in odd ones, so over two
+        # epochs every image is seen both ways (airbench's "alternating flip").
+        first_half = torch.rand(count, generator=torch.Generator().manual_seed(seed)) < 0.5
+        flips = first_half if epoch % 2 == 0 else ~first_half
+    cutout_centres = torch.randint(0, 32, (count, 2), generator=generator)
+    return AugmentationDraws(offsets, flips, cutout_centres)
 
 
-class DecodedImages(torch.utils.data.Dataset):
-    """Decoded uint8 images with per-image transforms.v2 augmentation, run in DataLoader workers."""
+class AugmentedSplit(torch.utils.data.Dataset):
+    """A decoded split, reflect-padded once when training, with the current epoch's draws.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment):
-        self.images, self.labels, self.augment = images, labels, augment
+    ``set_epoch`` must be called before each training epoch (the training loop does); both
+    loaders' datasets build on this class, so the same seed gives them the same augmentation.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        train: bool,
+        crop_padding: int = 4,
+        cutout: int = 0,
+        alternating_flip: bool = False,
+        seed: int = 0,
+    ):
+        self.train, self.cutout, self.alternating_flip, self.seed = train, cutout, alternating_flip, seed
+        self.padding = crop_padding if train else 0
+        self.images = reflect_pad(images, self.padding) if self.padding else images
+        self.labels = labels
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def set_epoch(self, epoch: int) -> None:
+        if self.train:
+            draws = draw_augmentation(len(self.labels), self.padding, self.seed, epoch, self.alternating_flip)
+            self.draws = draws.to(self.labels.device)
+
+
+class DecodedImages(AugmentedSplit):
+    """Per-image torchvision ``transforms.v2`` crop, flip and cutout, run in DataLoader workers."""
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.augment(self.images[index]), int(self.labels[index])
+        image = self.images[index]
+        if self.train:
+            top, left = self.draws.offsets[index].tolist()
+            image = v2.functional.crop(image, top, left, 32, 32)
+            if self.draws.flips[index]:
+                image = v2.functional.horizontal_flip(image)
+            if self.cutout:
+                image = cutout(image[None], self.draws.cutout_centres[index][None], self.cutout)[0]
+        return image, int(self.labels[index])
 
 
 def make_dataloader(
@@ -311,27 +362,21 @@ def make_dataloader(
     seed: int = 0,
     channels_last: bool = False,
     crop_padding: int = 4,
+    alternating_flip: bool = False,
 ) -> DataLoader:
     """Batches of ``(images, labels)``; augmentation runs per image in the workers, on the fly."""
     images, labels = decode_split(dataset, data.image_column, data.label_column)
-    if train:
-        images, augment = (reflect_pad(images, crop_padding) if crop_padding else images), build_augmentation(cutout)
-    else:
-        augment = _unchanged
     return DataLoader(
-        DecodedImages(images, labels, augment),
+        DecodedImages(images, labels, train, crop_padding, cutout, alternating_flip, seed),
         batch_size=batch_size,
         shuffle=train,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        # Workers start afresh each epoch, so they copy the dataset with that epoch's draws.
+        persistent_workers=False,
         collate_fn=BatchCollator(data.mean, data.std, channels_last),
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-def _unchanged(image: torch.Tensor) -> torch.Tensor:
-    return image
 
 
 class BatchCollator:

@@ -6,18 +6,19 @@ fingerprint, and moved to the device. A plain ``DataLoader`` still draws the bat
 but each batch is fetched in one ``__getitems__`` call that augments it with a few tensor ops
 instead of one Python call per image.
 
-Augmentation parameters are drawn per example and per epoch from ``(seed, epoch)`` alone, so an
-example gets the same crop and flip whichever process, batch or attempt fetches it.
+Augmentation parameters are drawn per example and per epoch from ``(seed, epoch)`` alone
+(``draw_augmentation``, shared with the standard loader), so an example gets the same crop and
+flip whichever process, batch or attempt fetches it.
 """
 
 import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from cifar_accel.data import DataBundle, cutout, decode_split, reflect_pad
+from cifar_accel.data import AugmentedSplit, DataBundle, cutout, decode_split
 
 
-class DeviceImageDataset(torch.utils.data.Dataset):
+class DeviceImageDataset(AugmentedSplit):
     """A split on the device; ``__getitems__`` returns a normalised, augmented batch."""
 
     def __init__(
@@ -33,34 +34,12 @@ class DeviceImageDataset(torch.utils.data.Dataset):
         channels_last: bool = False,
         crop_padding: int = 4,
     ):
-        self.train, self.cutout, self.alternating_flip, self.seed = train, cutout, alternating_flip, seed
-        self.padding = crop_padding if train else 0
+        super().__init__(images, labels, train, crop_padding, cutout, alternating_flip, seed)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.labels = labels
-        self.images = reflect_pad(images, self.padding) if self.padding else images
         device = images.device
         # x -> (x / 255 - mean) / std as one multiply-add in float32.
         self.scale = (1 / (255 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
-        self.set_epoch(0)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw every example's crop offset, flip and cutout centre for ``epoch``."""
-        if not self.train:
-            return
-        count, device = len(self.labels), self.labels.device
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        self.offsets = torch.randint(0, 2 * self.padding + 1, (count, 2), generator=generator).to(device)
-        self.flips = torch.rand(count, generator=generator).to(device) < 0.5
-        if self.alternating_flip:
-            # A random half is flipped in even epochs and the other half in odd ones, so over two
-            # epochs every image is seen both ways (airbench's "alternating flip").
-            first_half = torch.rand(count, generator=torch.Generator().manual_seed(self.seed)) < 0.5
-            self.flips = (first_half if epoch % 2 == 0 else ~first_half).to(device)
-        self.cutout_centres = torch.randint(0, 32, (count, 2), generator=generator).to(device)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, device=self.labels.device)
@@ -84,12 +63,12 @@ class DeviceImageDataset(torch.utils.data.Dataset):
             (batch, shifts, shifts, channels, size, size),
             (stride[0], stride[2], stride[3], stride[1], stride[2], stride[3]),
         )
-        offsets = self.offsets[index]
+        offsets = self.draws.offsets[index]
         images = windows[torch.arange(batch, device=padded.device), offsets[:, 0], offsets[:, 1]]
-        flips = self.flips[index]
+        flips = self.draws.flips[index]
         images[flips] = images[flips].flip(-1)
         if self.cutout:
-            images = cutout(images, self.cutout_centres[index], self.cutout)
+            images = cutout(images, self.draws.cutout_centres[index], self.cutout)
         return images
 
 

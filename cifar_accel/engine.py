@@ -8,27 +8,40 @@ import dataclasses
 import math
 import os
 import platform
+import signal
 import sys
 import time
+from pathlib import Path
 
 import accelerate
 import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
 from cifar_accel import __version__
-from cifar_accel.checkpoint import model_config, save_model
+from cifar_accel.checkpoint import (
+    StopRequest,
+    TrainingProgress,
+    check_architecture,
+    find_checkpoint,
+    load_checkpoint,
+    resume_command,
+    save_checkpoint,
+    with_prefix,
+    without_prefix,
+)
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
-from cifar_accel.errors import UserError
+from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
-from cifar_accel.reporting import RunFolder, format_epoch_line
+from cifar_accel.reporting import RunFolder, format_epoch_line, refuse_existing_run
+from cifar_accel.saved_model import model_config, save_model
 from cifar_accel.tricks import Lookahead, tta_logits
 
 
@@ -37,15 +50,28 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
 
     Under ``accelerate launch --num_processes N`` on a machine without a GPU, a default
     Accelerator treats every process as alone; asking for the CPU makes them one gloo group.
+    The seedable sampler makes each epoch's order a function of (seed, epoch), so a resumed
+    run draws the same batches as an uninterrupted one.
     """
     launched_with_several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.cpu or (launched_with_several_processes and not torch.cuda.is_available())
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=use_cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         dynamo_backend="inductor" if config.compile else None,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    return accelerator
+
+
+def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
+    """Refuse what Accelerate would silently run in float32 (fp16 on a CPU) or cannot run."""
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise UserError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--mixed_precision bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or no")
 
 
 @torch.no_grad()
@@ -67,11 +93,13 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int 
     return {"loss": loss, "top1": top1, "top5": top5, "n": count}
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator, progress, lookahead=None) -> dict:
+def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals, lookahead=None):
+    """Train on each batch, yielding its loss after the step so the caller can log, save or stop.
+
+    ``totals`` (loss sum, correct, examples) is summed on the device: no host sync in the step.
+    """
     model.train()
-    # Running sums stay on the device: no host sync inside the step.
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, examples
-    for step, (images, labels) in enumerate(loader):
+    for images, labels in batches:
         with accelerator.accumulate(model):
             logits = model(images)
             loss = criterion(logits, labels)
@@ -84,11 +112,29 @@ def train_one_epoch(model, loader, optimizer, scheduler, criterion, accelerator,
         totals[0] += loss.detach().double() * len(labels)
         totals[1] += (logits.argmax(dim=1) == labels).sum()
         totals[2] += len(labels)
-        progress.update(1)
-        if step % 20 == 0:
-            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    loss_sum, correct, examples = accelerator.reduce(totals, reduction="sum").tolist()
-    return {"train_loss": loss_sum / examples, "train_acc": correct / examples, "train_examples": int(examples)}
+        yield loss.detach()
+
+
+class NonFiniteLossWatch:
+    """Notes on the device, without a host sync, the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        self.first_step = torch.where((self.first_step == 0) & ~torch.isfinite(loss), step, self.first_step)
+
+    def check(self, accelerator: Accelerator, steps_per_epoch: int) -> None:
+        """Raise, on every process alike, if any process saw a non-finite loss."""
+        steps = accelerator.gather(self.first_step.reshape(1))
+        steps = steps[steps > 0]
+        if len(steps):
+            step = int(steps.min()) - 1
+            raise UserError(
+                f"training loss became nan or inf at epoch {step // steps_per_epoch + 1}, step "
+                f"{step % steps_per_epoch + 1}; the last checkpoint is kept; lower --learning_rate, "
+                "or use --mixed_precision no"
+            )
 
 
 def environment() -> dict:
@@ -122,8 +168,19 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
 
 
 def train(config: TrainConfig) -> dict:
-    """Train, evaluate after every epoch, keep the best model; returns ``results.json``'s content."""
+    """Train, evaluate after every epoch, keep the best model; returns ``results.json``'s content.
+
+    With ``--checkpointing_steps`` the full state is saved as it goes; SIGINT/SIGTERM save one and
+    stop; ``--resume_from_checkpoint`` continues bit for bit where a checkpoint left off.
+    """
     start_time = time.perf_counter()
+    # Everything that can be refused is checked before anything is written.
+    resume_from = config.resume_from_checkpoint and find_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    architecture = {"model": config.model, "model_args": config.model_args}
+    if resume_from:
+        check_architecture(resume_from, architecture)
+    elif not config.overwrite_output_dir:
+        refuse_existing_run(config.output_dir)
     accelerator = build_accelerator(config)
     if config.num_workers is None:
         config = dataclasses.replace(config, num_workers=default_num_workers(accelerator.num_processes))
@@ -138,7 +195,7 @@ def train(config: TrainConfig) -> dict:
             )  # fmt: skip
         return make_dataloader(
             split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,
-            config.crop_padding,
+            config.crop_padding, config.alternating_flip,
         )  # fmt: skip
 
     # The main process builds the datasets and decoded-image caches first; the others then read them.
@@ -146,6 +203,9 @@ def train(config: TrainConfig) -> dict:
         data = load_data(config)
         train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
     data_ready_time = time.perf_counter()  # speed runs time from here: data loaded, model not yet built
+    architecture["num_classes"] = data.num_classes
+    if resume_from:
+        check_architecture(resume_from, architecture)
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
         model.initialize_whitening(first_images(data.train, data, count=5000))
@@ -163,65 +223,126 @@ def train(config: TrainConfig) -> dict:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    lookahead = (
+        Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
+    )
+
+    progress = TrainingProgress()
+    epoch_totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, examples
+    best_state: dict[str, torch.Tensor] = {}
+    if resume_from:
+        progress, saved = load_checkpoint(accelerator, resume_from)
+        if accelerator.is_main_process:  # the saved sums are over all processes: count them once
+            epoch_totals += saved["epoch_totals"]
+        best_state = without_prefix("best", saved)
+        if lookahead is not None:
+            lookahead.load_state_dict(without_prefix("lookahead", saved))
+
+    watch = NonFiniteLossWatch(accelerator.device)
+
+    def save() -> Path:
+        watch.check(accelerator, len(train_loader))  # a checkpoint never holds a diverged model
+        tensors = {"epoch_totals": accelerator.reduce(epoch_totals, reduction="sum"), **with_prefix("best", best_state)}
+        if lookahead is not None:
+            tensors.update(with_prefix("lookahead", lookahead.state_dict()))
+        return save_checkpoint(
+            accelerator, config.output_dir, progress, tensors, architecture, config.checkpoints_total_limit
+        )
 
     saved_model_config = model_config(config.model, config.model_args, data.class_names, data.mean, data.std)
     resolved = resolved_settings(config, accelerator, data)
-    run_folder = RunFolder(config.output_dir) if accelerator.is_main_process else None
+    run_folder = RunFolder(config.output_dir, resuming=bool(resume_from)) if accelerator.is_main_process else None
     if run_folder:
         run_folder.save_config(resolved)
+        run_folder.save_metrics(progress.records)  # a resumed run drops epochs logged after its checkpoint
     accelerator.print(
         f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters | "
         f"{len(data.train)} train / {len(data.evaluation)} {data.selection_split} examples, "
         f"{data.num_classes} classes | {accelerator.num_processes} process(es) on {accelerator.device}, "
         f"global batch {resolved['global_batch_size']}, mixed precision {accelerator.mixed_precision}"
     )
+    if resume_from:
+        accelerator.print(f"resuming from {resume_from}: epoch {progress.epoch}, step {progress.step_in_epoch}")
 
-    lookahead = (
-        Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
-    )
-    best: dict = {"eval_top1": -1.0}
-    with tqdm(
-        total=len(train_loader) * config.epochs,
-        disable=not accelerator.is_main_process,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
-    ) as progress:  # closed before an error is printed
-        for epoch in range(1, config.epochs + 1):
-            progress.set_description(f"epoch {epoch}/{config.epochs}")
+    watch = NonFiniteLossWatch(accelerator.device)
+    with (
+        StopRequest() as stop,
+        tqdm(
+            total=len(train_loader) * config.epochs,
+            initial=progress.global_step,
+            disable=not accelerator.is_main_process,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
+        ) as progress_bar,
+    ):  # closed before an error is printed
+        while progress.epoch <= config.epochs:
+            epoch = progress.epoch
+            progress_bar.set_description(f"epoch {epoch}/{config.epochs}")
             epoch_start = time.perf_counter()
-            learning_rate = scheduler.get_last_lr()[0]
-            train_stats = train_one_epoch(
-                model, train_loader, optimizer, scheduler, criterion, accelerator, progress, lookahead
-            )
+            # Batch order and augmentation are functions of (seed, epoch): the same after a resume.
+            train_loader.set_epoch(epoch - 1)
+            train_loader.dataset.set_epoch(epoch - 1)
+            batches = train_loader
+            if progress.step_in_epoch:
+                batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
+            else:
+                progress.epoch_learning_rate = scheduler.get_last_lr()[0]
+            steps = train_steps(model, batches, optimizer, scheduler, criterion, accelerator, epoch_totals, lookahead)
+            for loss in steps:
+                progress.step_in_epoch += 1
+                progress.global_step += 1
+                watch.observe(loss, progress.global_step)
+                progress_bar.update(1)
+                signal_number = stop.requested(accelerator)
+                if signal_number:
+                    progress_bar.close()
+                    checkpoint = save()
+                    accelerator.print(
+                        f"{signal.Signals(signal_number).name}: stopped at epoch {epoch}, "
+                        f"step {progress.step_in_epoch}; checkpoint saved to {checkpoint}\n"
+                        f"resume with: {resume_command(checkpoint, accelerator.num_processes)}"
+                    )
+                    accelerator.end_training()
+                    raise StoppedBySignal(signal_number)
+                if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
+                    save()
+                if progress.step_in_epoch % 20 == 0:
+                    watch.check(accelerator, len(train_loader))
+                    progress_bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            watch.check(accelerator, len(train_loader))
             if lookahead is not None and epoch == config.epochs:
                 lookahead.finish()  # the last epoch is evaluated and saved as the average
             train_seconds = time.perf_counter() - epoch_start
-            if not math.isfinite(train_stats["train_loss"]):
-                raise UserError(
-                    f"training loss became {train_stats['train_loss']} in epoch {epoch}; "
-                    "lower --learning_rate, or use --mixed_precision no"
-                )
+            loss_sum, correct, examples = accelerator.reduce(epoch_totals, reduction="sum").tolist()
             eval_stats = evaluate(model, eval_loader, accelerator)
             record = {
                 "epoch": epoch,
-                **train_stats,
+                "train_loss": loss_sum / examples,
+                "train_acc": correct / examples,
+                "train_examples": int(examples),
                 "eval_split": data.selection_split,
                 **{f"eval_{name}": value for name, value in eval_stats.items()},
-                "lr": learning_rate,
+                "lr": progress.epoch_learning_rate,
                 "seconds": time.perf_counter() - epoch_start,
-                "images_per_second": train_stats["train_examples"] / train_seconds,
+                "images_per_second": examples / train_seconds,
             }
-            if run_folder:
-                progress.write(format_epoch_line(record, config.epochs))
-                run_folder.append_metrics(record)
-            if record["eval_top1"] > best["eval_top1"]:
-                best = record
+            progress.records.append(record)
+            if record["eval_top1"] > progress.best["eval_top1"]:
+                progress.best = record
+                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
                 if run_folder:
                     save_model(accelerator.unwrap_model(model), run_folder.best_model_dir, saved_model_config)
-                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+            if run_folder:
+                progress_bar.write(format_epoch_line(record, config.epochs))
+                run_folder.save_metrics(progress.records)
+            progress.epoch, progress.step_in_epoch = epoch + 1, 0
+            epoch_totals.zero_()
+            if config.checkpointing_steps == "epoch":
+                save()
     accelerator.wait_for_everyone()
 
+    best = progress.best
     results = {
         "best_epoch": best["epoch"],
         "selected_by": data.selection_split,

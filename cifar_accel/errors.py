@@ -1,4 +1,4 @@
-"""The one exception type that means "the user asked for something we cannot do"."""
+"""The exceptions that end a run without a traceback."""
 
 
 class UserError(ValueError):
@@ -7,3 +7,11 @@ class UserError(ValueError):
     Entry points print its message as one line on stderr and exit with status 2,
     without a traceback; library callers see an ordinary ``ValueError``.
     """
+
+
+class StoppedBySignal(Exception):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; exit with ``exit_code``."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"stopped by signal {signal_number}")
+        self.exit_code = 128 + signal_number

@@ -1,9 +1,11 @@
 """What a run tells its user: the per-epoch log line and the run folder's metric files."""
 
 import json
+import shutil
 from pathlib import Path
 
-from cifar_accel.checkpoint import write_json
+from cifar_accel.errors import UserError
+from cifar_accel.saved_model import write_json, write_text
 
 
 def format_epoch_line(record: dict, epochs: int) -> str:
@@ -16,21 +18,43 @@ def format_epoch_line(record: dict, epochs: int) -> str:
     )
 
 
-class RunFolder:
-    """The files of ``--output_dir``; only the main process should create one."""
+RUN_FILES = ("train_config.json", "metrics.jsonl", "results.json", "best", "checkpoints")
 
-    def __init__(self, output_dir: str | Path):
+
+def refuse_existing_run(output_dir: str | Path) -> None:
+    """A run's files are never replaced by accident."""
+    found = [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
+    if found:
+        raise UserError(
+            f"--output_dir {output_dir} already holds a run ({', '.join(found)}); pass --overwrite_output_dir "
+            "to replace it, --resume_from_checkpoint latest to continue it, or another --output_dir"
+        )
+
+
+class RunFolder:
+    """The files of ``--output_dir``; only the main process should create one.
+
+    A new run first removes the files of a run it replaces (``--overwrite_output_dir``);
+    a resumed run keeps them. Every file is replaced atomically.
+    """
+
+    def __init__(self, output_dir: str | Path, resuming: bool = False):
         self.path = Path(output_dir)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        if not resuming:
+            for name in RUN_FILES:
+                previous = self.path / name
+                if previous.is_dir():
+                    shutil.rmtree(previous)
+                elif previous.exists():
+                    previous.unlink()
 
     def save_config(self, resolved: dict) -> None:
         write_json(self.path / "train_config.json", resolved)
 
-    def append_metrics(self, record: dict) -> None:
-        with self.metrics_path.open("a") as metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
+    def save_metrics(self, records: list[dict]) -> None:
+        """All epochs so far: rewriting the whole (small) file keeps it whole after a crash or a resume."""
+        write_text(self.path / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in records))
 
     def save_results(self, results: dict) -> None:
         write_json(self.path / "results.json", results)

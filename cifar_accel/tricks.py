@@ -18,6 +18,16 @@ class Lookahead:
         self.steps = 0
         self.average: dict[str, Tensor] | None = None
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """For checkpoints: the step count and the running average, as tensors."""
+        average = {f"average.{name}": tensor for name, tensor in (self.average or {}).items()}
+        return {"steps": torch.tensor(self.steps), **average}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.steps = int(state["steps"])
+        average = {name.removeprefix("average."): tensor for name, tensor in state.items() if name != "steps"}
+        self.average = {name: tensor.clone() for name, tensor in average.items()} or None
+
     def _float_state(self) -> dict[str, Tensor]:
         return {name: t for name, t in self.model.state_dict().items() if t.dtype in (torch.float16, torch.float32)}
 

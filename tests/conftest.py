@@ -78,3 +78,19 @@ def cifar_accel_command(*args: str) -> list[str]:
 
 def accelerate_launch(*launch_args: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", *launch_args]
+
+
+def replace_column_values(dataset_root: Path, split: str, column: str, changes: dict[int, object]) -> None:
+    """Overwrite some rows of a written split in place, bypassing the checks ``datasets`` makes
+    when writing (out-of-range labels, undecodable image bytes): data as it may arrive from elsewhere."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = dataset_root / "data" / f"{split}-00000-of-00001.parquet"
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    for row, value in changes.items():
+        values[row] = value
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
+    pq.write_table(table, path)

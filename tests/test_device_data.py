@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import build_augmentation, decode_split, load_data, make_dataloader, reflect_pad
+from cifar_accel.data import DecodedImages, decode_split, load_data, make_dataloader, reflect_pad
 from cifar_accel.device_data import DeviceImageDataset, make_device_dataloader
 
 SIDE = 32
@@ -44,18 +44,26 @@ def device_batch(images: torch.Tensor, **options) -> torch.Tensor:
     return (batch * 255).round().to(torch.uint8)
 
 
-def test_translations_and_flips_match_the_torchvision_path():
-    images = coordinate_images(3600)
-    torch.manual_seed(0)
-    augment = build_augmentation()
-    torchvision_batch = torch.stack([augment(image) for image in reflect_pad(images, 4)])
-    for batch in (device_batch(images, seed=0), torchvision_batch):
-        offsets, flipped = offsets_and_flips(batch)
-        for axis in (0, 1):
-            counts = Counter(offset[axis] for offset in offsets)
-            assert sorted(counts) == list(range(-4, 5))  # every shift of up to 4 pixels, none beyond
-            assert all(300 <= count <= 500 for count in counts.values())  # 400 expected for each
-        assert 0.45 <= sum(flipped) / len(flipped) <= 0.55
+def test_translations_and_flips_cover_every_shift_evenly():
+    offsets, flipped = offsets_and_flips(device_batch(coordinate_images(3600), seed=0))
+    for axis in (0, 1):
+        counts = Counter(offset[axis] for offset in offsets)
+        assert sorted(counts) == list(range(-4, 5))  # every shift of up to 4 pixels, none beyond
+        assert all(300 <= count <= 500 for count in counts.values())  # 400 expected for each
+    assert 0.45 <= sum(flipped) / len(flipped) <= 0.55
+
+
+@pytest.mark.parametrize("options", [{}, {"cutout": 8}, {"alternating_flip": True, "crop_padding": 2}])
+def test_the_torchvision_path_gives_the_device_loaders_images_for_the_same_seed_and_epoch(options):
+    images = torch.randint(0, 256, (300, 3, SIDE, SIDE), dtype=torch.uint8)
+    labels = torch.arange(300)
+    per_image = DecodedImages(images, labels, True, seed=5, **options)
+    batched = DeviceImageDataset(images, labels, [0] * 3, [1] * 3, True, seed=5, **options)
+    for epoch in (0, 3):
+        per_image.set_epoch(epoch)
+        batched.set_epoch(epoch)
+        expected = (batched.__getitems__(list(range(300)))[0] * 255).round().to(torch.uint8)
+        assert torch.equal(torch.stack([per_image[index][0] for index in range(300)]), expected)
 
 
 def test_reflect_padding_matches_torch():

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from cifar_accel.checkpoint import load_model, model_config, save_model
 from cifar_accel.errors import UserError
 from cifar_accel.models import get_model
+from cifar_accel.saved_model import load_model, model_config, save_model
 
 
 def _save(directory, architecture="simple_cnn", model_args=None) -> torch.nn.Module:

@@ -1,0 +1,123 @@
+"""Every bad input the README lists: one line on stderr naming the value and what is valid,
+exit status 2, no traceback, and nothing written or changed on disk."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cifar_accel_command, replace_column_values, run_command, write_hub_layout
+
+TINY_RUN = "--model bn_cnn --epochs 1 --batch_size 32 --num_workers 0 --checkpointing_steps epoch"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, colour_dataset) -> Path:
+    """A finished run with a checkpoint, a saved model, broken copies, and broken datasets."""
+    root = tmp_path_factory.mktemp("bad_input")
+    run = root / "run"
+    result = run_command(
+        [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(run), *TINY_RUN.split()],
+        env={"CIFAR_ACCEL_CACHE": str(root / "cache")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    truncated = root / "truncated"
+    shutil.copytree(run / "best", truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    mismatched = root / "mismatched"
+    shutil.copytree(run / "best", mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "architecture": "simple_cnn"}))
+    (root / "broken.yaml").write_text("epochs: [3\n")
+    classes = ["red", "green", "blue", "yellow"]
+    replace_column_values(
+        write_hub_layout(root / "bad_labels", {"train": 32, "test": 8}, classes), "train", "label", {5: 7}
+    )
+    broken_image = {"bytes": b"these bytes are not a PNG", "path": None}
+    replace_column_values(
+        write_hub_layout(root / "bad_image", {"train": 32, "test": 8}, classes), "train", "img", {9: broken_image}
+    )
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns) for path in root.rglob("*")}
+
+
+CASES = {
+    "unknown model": ("--model resnet7", "unknown model 'resnet7'; choose one of: airbench94, airbench96, bn_cnn"),
+    "unknown recipe": ("--recipe fastest", "unknown recipe 'fastest'; choose one of: airbench94"),
+    "unknown optimizer": (
+        "--optimizer adam",
+        "argument --optimizer: invalid choice: 'adam' (choose from 'sgd', 'adamw')",
+    ),
+    "non-numeric learning rate": ("--learning_rate fast", "argument --learning_rate: 'fast' is not a number"),
+    "non-positive learning rate": ("--learning_rate -0.1", "--learning_rate must be positive, got -0.1"),
+    "non-positive batch size": ("--batch_size 0", "--batch_size must be positive, got 0"),
+    "non-numeric epochs": ("--epochs two", "argument --epochs: 'two' is not a whole number"),
+    "too many training samples": ("--max_train_samples 1000", "--max_train_samples 1000 is larger than the split (256"),
+    "missing local dataset": ("--dataset /no/such/cifar", "dataset path '/no/such/cifar' does not exist"),
+    "dataset neither cached nor reachable": (
+        "--dataset someone/cifar",
+        "'someone/cifar' is not in the Hugging Face cache",
+    ),
+    "missing image column": ("--image_column pixels", "image column 'pixels' not found; columns present: img, label"),
+    "missing label column": ("--label_column target", "label column 'target' not found; columns present: img, label"),
+    "labels outside the classes": (
+        "--dataset {root}/bad_labels",
+        "label 7 in row 5 of split 'train' is outside [0, 4)",
+    ),
+    "undecodable image": ("--dataset {root}/bad_image", "the image in row 9 cannot be decoded"),
+    "config file not valid YAML": ("--recipe {root}/broken.yaml", "recipe '{root}/broken.yaml' is not valid YAML"),
+    "resume path missing": (
+        "--resume_from_checkpoint /no/such/step_5",
+        "--resume_from_checkpoint '/no/such/step_5' does",
+    ),
+    "resume from another architecture": (
+        "--model simple_cnn --resume_from_checkpoint {root}/run/checkpoints/step_8",
+        "checkpoint {root}/run/checkpoints/step_8 was trained with model 'bn_cnn', not 'simple_cnn'",
+    ),
+    "checkpointing steps not a number": (
+        "--checkpointing_steps often",
+        "--checkpointing_steps must be a positive number",
+    ),
+    "output folder holds a run": ("--output_dir {root}/run", "--output_dir {root}/run already holds a run"),
+    "fp16 on the CPU": ("--mixed_precision fp16", "--mixed_precision fp16 needs a GPU"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_training_input(workspace, colour_dataset, case):
+    flags, message = (text.format(root=workspace) for text in CASES[case])
+    command = [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(workspace / "new")]
+    _check_refused(workspace, [*command, *TINY_RUN.split(), *flags.split()], message)
+
+
+def test_unreachable_hub(workspace):
+    closed_port = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    command = [sys.executable, "train.py", "--dataset", "someone/cifar", "--output_dir", str(workspace / "new")]
+    _check_refused(workspace, command, "cannot reach the Hugging Face Hub to load 'someone/cifar'", closed_port)
+
+
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [
+        ("truncated", "{root}/truncated/model.safetensors is truncated or corrupt"),
+        ("mismatched", "weights in {root}/mismatched do not match architecture 'simple_cnn'"),
+    ],
+)
+def test_bad_saved_model(workspace, colour_dataset, folder, message):
+    command = cifar_accel_command("evaluate", "--model", str(workspace / folder), "--dataset", str(colour_dataset))
+    _check_refused(workspace, command, message.format(root=workspace))
+
+
+def _check_refused(workspace: Path, command: list[str], message: str, env: dict | None = None) -> None:
+    before = snapshot(workspace)
+    result = run_command(command, env={"CIFAR_ACCEL_CACHE": str(workspace / "cache"), **(env or {})})
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), result.stderr[-2000:]
+    assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.stderr
+    assert snapshot(workspace) == before  # no output folder, no cache file, nothing touched
