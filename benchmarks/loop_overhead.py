@@ -2,7 +2,7 @@
 
 Both loops get the same batches from the device loader (so data loading is not what is measured),
 the same model, optimizer and schedule; they alternate round by round in this one process and the
-median of each is compared. Ours is ``cifar_accel.engine.train_one_epoch`` on prepared objects.
+median of each is compared. Ours is ``cifar_accel.engine.train_steps`` on prepared objects.
 
     python benchmarks/loop_overhead.py --dataset ../shared/cifar10 [--quick]
 """
@@ -12,6 +12,7 @@ import copy
 import statistics
 import time
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data
 from cifar_accel.device_data import make_device_dataloader
-from cifar_accel.engine import train_one_epoch
+from cifar_accel.engine import NonFiniteLossWatch, train_steps
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 
@@ -71,8 +72,15 @@ def main() -> None:
             if name == "bare PyTorch loop":
                 bare_epoch(*bare, criterion)
             else:
-                with tqdm(disable=True) as progress:
-                    train_one_epoch(*ours, criterion, accelerator, progress)
+                # What train() does per step besides the step: non-finite watch, progress bar.
+                model, loader, optimizer, scheduler = ours
+                totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+                watch = NonFiniteLossWatch(accelerator.device)
+                steps = train_steps(model, loader, optimizer, scheduler, criterion, accelerator, totals)
+                with tqdm(disable=True) as progress_bar:
+                    for step, loss in enumerate(steps, start=1):
+                        watch.observe(loss, step)
+                        progress_bar.update(1)
             if round_index:
                 times[name].append(samples / (time.perf_counter() - start))
         print(

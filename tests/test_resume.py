@@ -1,0 +1,155 @@
+"""The resume promise: a run killed at any step and resumed ends bit for bit where an
+uninterrupted run ends; signals save and stop; no secret or pickle payload gets through."""
+
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_command
+from safetensors.torch import load_file
+
+FAKE_TOKEN = "hf_cifarAccelFakeToken0123456789"
+VARIANTS = {
+    "torch loader, 2 workers": "--model bn_cnn --batch_size 32 --learning_rate 0.05 --label_smoothing 0 "
+    "--num_workers 2",
+    "device loader, airbench94 with lookahead": "--recipe airbench94 --batch_size 32",
+}
+COMMON = "--epochs 3 --checkpointing_steps 5"  # 8 steps per epoch: checkpoints at steps 5, 10, 15, 20
+COMPARED = ("epoch", "train_loss", "train_acc", "train_examples", "eval_loss", "eval_top1", "eval_top5", "eval_n", "lr")
+
+
+def train_command(dataset: Path, output_dir: Path, variant: str, *extra: str) -> list[str]:
+    flags = f"--dataset {dataset} --output_dir {output_dir} {VARIANTS[variant]} {COMMON}"
+    return [sys.executable, "train.py", *flags.split(), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_runs(colour_dataset, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Each variant trained without interruption, with a (fake) Hub token in the environment."""
+    runs = {}
+    for variant in VARIANTS:
+        run_dir = tmp_path_factory.mktemp("reference")
+        result = run_command(train_command(colour_dataset, run_dir, variant), env={"HF_TOKEN": FAKE_TOKEN})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[variant] = run_dir, result
+    return runs
+
+
+def assert_same_training(reference: Path, resumed: Path) -> None:
+    def metrics(run_dir: Path) -> list[dict]:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{key: record[key] for key in COMPARED} for record in records]
+
+    assert metrics(resumed) == metrics(reference)
+    assert len(metrics(reference)) == 3
+    for weights in ("best/model.safetensors", "checkpoints/step_20/model.safetensors"):
+        expected, actual = load_file(reference / weights), load_file(resumed / weights)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[name], actual[name]) for name in expected), weights
+
+
+def start_and_wait_for(command: list[str], checkpoint: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (checkpoint / "progress.json").exists():
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    return process
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(
+    reference_runs, colour_dataset, tmp_path, variant
+):
+    run_dir = tmp_path / "run"
+    command = train_command(colour_dataset, run_dir, variant)
+    process = start_and_wait_for(command, run_dir / "checkpoints" / "step_10", tmp_path / "killed.log")
+    process.kill()  # SIGKILL: no chance to save anything more
+    process.wait()
+    assert not (run_dir / "results.json").exists(), "the run finished before it was killed"
+    result = run_command([*command, "--resume_from_checkpoint", "latest"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert_same_training(reference_runs[variant][0], run_dir)
+
+
+@pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_and_prints_the_command_that_resumes(
+    reference_runs, colour_dataset, tmp_path, stop_signal, exit_code
+):
+    variant = "torch loader, 2 workers"
+    run_dir, log = tmp_path / "run", tmp_path / "stopped.log"
+    process = start_and_wait_for(
+        train_command(colour_dataset, run_dir, variant), run_dir / "checkpoints" / "step_5", log
+    )
+    process.send_signal(stop_signal)
+    assert process.wait(timeout=120) == exit_code, log.read_text()[-3000:]
+    [resume_line] = [line for line in log.read_text().splitlines() if line.startswith("resume with: ")]
+    resume = shlex.split(resume_line.removeprefix("resume with: "))
+    assert resume[:2] == ["python", "train.py"] and resume[-2] == "--resume_from_checkpoint"
+    assert Path(resume[-1]).parent == run_dir / "checkpoints" and (Path(resume[-1]) / "progress.json").is_file()
+    result = run_command([sys.executable, *resume[1:]])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(reference_runs[variant][0], run_dir)
+
+
+def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_the_checkpoints_before_it(colour_dataset, tmp_path):
+    flags = "--model bn_cnn --batch_size 8 --learning_rate 1e12 --warmup_fraction 0 --num_workers 0"
+    command = [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(tmp_path)]
+    result = run_command([*command, *flags.split(), "--checkpointing_steps", "1"])
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(
+        r"error: training loss became nan or inf at epoch 1, step (\d+); the last checkpoint .*", last_line
+    )
+    assert match, last_line
+    bad_step = int(match.group(1))
+    saved_steps = sorted(int(folder.name.removeprefix("step_")) for folder in tmp_path.glob("checkpoints/step_*"))
+    assert saved_steps == list(range(1, bad_step))  # every step before the first non-finite loss, none after
+
+
+def test_total_limit_keeps_the_newest_checkpoints(colour_dataset, tmp_path):
+    variant = "torch loader, 2 workers"
+    result = run_command(train_command(colour_dataset, tmp_path, variant, "--checkpoints_total_limit", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(folder.name for folder in (tmp_path / "checkpoints").iterdir()) == ["step_15", "step_20"]
+
+
+def test_no_token_reaches_logs_or_files(reference_runs):
+    for run_dir, result in reference_runs.values():
+        assert FAKE_TOKEN not in result.stdout + result.stderr
+        for path in run_dir.rglob("*"):
+            if path.is_file():
+                assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+class _WritesAFileWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(reference_runs, colour_dataset, tmp_path):
+    variant = "torch loader, 2 workers"
+    run_dir, marker = tmp_path / "run", tmp_path / "payload_ran"
+    shutil.copytree(reference_runs[variant][0], run_dir)
+    checkpoint = run_dir / "checkpoints" / "step_10"
+    torch.save({"state": _WritesAFileWhenUnpickled(marker)}, checkpoint / "optimizer.bin")
+    result = run_command(
+        [*train_command(colour_dataset, run_dir, variant), "--resume_from_checkpoint", str(checkpoint)]
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot resume from {checkpoint}")
+    assert not marker.exists()
