@@ -134,7 +134,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[TrainingProgr
     """Restore what ``save_checkpoint`` saved into the prepared objects; returns the run's progress."""
     try:
         accelerator.load_state(str(path))
-        tensors = load_file(str(path / TENSORS_FILE), device=str(accelerator.device))
+        tensors = {name: tensor.to(accelerator.device) for name, tensor in load_file(str(path / TENSORS_FILE)).items()}
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot resume from {path}: {first_line}") from None

@@ -7,6 +7,7 @@ torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 
 import io
 import os
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -376,7 +377,15 @@ def make_dataloader(
         persistent_workers=False,
         collate_fn=BatchCollator(data.mean, data.std, channels_last),
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_leave_signals_to_the_main_process,
     )
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """Ctrl-C and SIGTERM often reach a whole process group; a worker they killed would make the
+    main process fail before it could save a checkpoint. Workers exit when the main process is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BatchCollator:
