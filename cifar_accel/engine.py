@@ -175,9 +175,10 @@ def train(config: TrainConfig) -> dict:
     """
     start_time = time.perf_counter()
     # Everything that can be refused is checked before anything is written.
-    resume_from = config.resume_from_checkpoint and find_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    resume_from = None
     architecture = {"model": config.model, "model_args": config.model_args}
-    if resume_from:
+    if config.resume_from_checkpoint:
+        resume_from = find_checkpoint(config.resume_from_checkpoint, config.output_dir)
         check_architecture(resume_from, architecture)
     elif not config.overwrite_output_dir:
         refuse_existing_run(config.output_dir)
@@ -205,7 +206,7 @@ def train(config: TrainConfig) -> dict:
     data_ready_time = time.perf_counter()  # speed runs time from here: data loaded, model not yet built
     architecture["num_classes"] = data.num_classes
     if resume_from:
-        check_architecture(resume_from, architecture)
+        check_architecture(resume_from, architecture)  # again, now that the number of classes is known
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
         model.initialize_whitening(first_images(data.train, data, count=5000))
