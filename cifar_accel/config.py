@@ -106,9 +106,10 @@ class TrainConfig:
             raise UserError(f"--final_lr_fraction must be between 0 and 1, got {self.final_lr_fraction!r}")
         if not 0 <= self.warmup_fraction <= 1:
             raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
-        every = self.checkpointing_steps
-        if every is not None and every != "epoch" and not (every.isdigit() and int(every) > 0):
-            raise UserError(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {every!r}")
+        if self.checkpointing_steps not in (None, "epoch") and not self.checkpoint_every_steps:
+            raise UserError(
+                f"--checkpointing_steps must be a positive number of steps or 'epoch', got {self.checkpointing_steps!r}"
+            )
         from cifar_accel.models import list_models
 
         if self.model not in list_models():

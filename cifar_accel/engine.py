@@ -265,7 +265,6 @@ def train(config: TrainConfig) -> dict:
     if resume_from:
         accelerator.print(f"resuming from {resume_from}: epoch {progress.epoch}, step {progress.step_in_epoch}")
 
-    watch = NonFiniteLossWatch(accelerator.device)
     with (
         StopRequest() as stop,
         tqdm(
