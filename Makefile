@@ -32,7 +32,7 @@ benchmarks-quick: $(VENV)/.installed
 		--results_dir $(or $(TMPDIR),/tmp)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check cifar_accel tests benchmarks train.py
+	$(BIN)/ruff check cifar_accel tests benchmarks train.py push_model.py
 
 clean:
 	rm -rf $(VENV) output

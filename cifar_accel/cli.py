@@ -1,4 +1,4 @@
-"""Command-line entry points: ``cifar-accel train|evaluate|models|loader-speed`` and ``train.py``.
+"""Command-line entry points: ``cifar-accel COMMAND`` (see ``COMMANDS``), ``train.py`` and ``push_model.py``.
 
 Every entry point turns a ``UserError`` into one line on stderr and exit status 2, and a
 run stopped by SIGINT/SIGTERM into exit status 130/143.
@@ -28,9 +28,11 @@ def _run(command: Callable[[], Any]) -> Any:
 def train_main(argv: list[str] | None = None) -> None:
     """``train.py`` and ``cifar-accel train``: every flag comes from ``TrainConfig``."""
     from cifar_accel.config import parse_train_args
+
+    config = _run(lambda: parse_train_args(argv))  # before the heavy imports: --help and bad flags answer at once
     from cifar_accel.engine import train
 
-    _run(lambda: train(parse_train_args(argv)))
+    _run(lambda: train(config))
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,23 +43,28 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
 
 
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="Hub repo id (USER/NAME) or folder holding a saved model")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
+
+
 def evaluate_main(argv: list[str] | None = None) -> None:
     parser = OneLineErrorParser(prog="cifar-accel evaluate", description="Evaluate a saved model on one split.")
-    parser.add_argument("--model", required=True, help="folder holding model.safetensors and config.json")
+    _model_arguments(parser)
     parser.add_argument("--split", default="test", help="split to evaluate")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples")
     _data_arguments(parser)
     args = _run(lambda: parser.parse_args(argv))
 
     def evaluate_command() -> None:
+        from cifar_accel.classifier import load_model
         from cifar_accel.config import TrainConfig
         from cifar_accel.data import load_evaluation_data, make_dataloader
         from cifar_accel.engine import build_accelerator, evaluate
-        from cifar_accel.saved_model import load_model
 
-        model, saved = load_model(args.model)
+        model = load_model(args.model, args.revision)
         data = load_evaluation_data(
-            args.dataset, args.split, args.max_eval_samples, args.image_column, args.label_column, saved
+            args.dataset, args.split, args.max_eval_samples, args.image_column, args.label_column, model.config
         )
         loader = make_dataloader(
             data.evaluation, data, train=False, batch_size=args.batch_size, num_workers=args.num_workers
@@ -101,6 +108,68 @@ def loader_speed_main(argv: list[str] | None = None) -> None:
     _run(loader_speed_command)
 
 
+def predict_main(argv: list[str] | None = None) -> None:
+    parser = OneLineErrorParser(prog="cifar-accel predict", description="Classify image files with a saved model.")
+    _model_arguments(parser)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; resized to 32x32)")
+    parser.add_argument("--top_k", type=int, default=5, help="how many classes to show per image")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of tables")
+    args = _run(lambda: parser.parse_args(argv))
+
+    def predict_command() -> None:
+        from PIL import Image, UnidentifiedImageError
+
+        from cifar_accel.classifier import load_model
+
+        if args.top_k < 1:
+            raise UserError(f"--top_k must be at least 1, got {args.top_k}")
+        images = []
+        for path in args.images:  # every file is checked before the model is fetched
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as error:
+                raise UserError(f"cannot read image {path} ({error.__class__.__name__}: {error})") from None
+        predictions = load_model(args.model, args.revision).predict(images, top_k=args.top_k)
+        for path, ranked in zip(args.images, predictions, strict=True):
+            if args.json:
+                print(json.dumps({"image": path, "predictions": ranked}))
+                continue
+            width = max(len(entry["label"]) for entry in ranked)
+            print(path)
+            print("\n".join(f"  {entry['label']:<{width}}  {entry['score']:7.2%}" for entry in ranked))
+
+    _run(predict_command)
+
+
+def push_main(argv: list[str] | None = None) -> None:
+    """``push_model.py`` and ``cifar-accel push``."""
+    parser = OneLineErrorParser(
+        prog="cifar-accel push",
+        description="Publish a finished run's best model, with its card, plots and records, to the Hugging Face Hub.",
+    )
+    parser.add_argument("--run_dir", required=True, help="the run folder (train --output_dir)")
+    parser.add_argument("--repo_id", required=True, help="USER/NAME or ORG/NAME of the model repo")
+    parser.add_argument("--private", action="store_true", help="create the repo as private (an existing one is kept)")
+    parser.add_argument("--revision", default=None, help="branch to commit to, created if needed (default: main)")
+    parser.add_argument("--commit_message", default=None, help="message of the upload commit")
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the `hf auth login` store)")
+    parser.add_argument("--dataset_id", default=None, help="Hub dataset for the card (default: the run's --dataset)")
+    parser.add_argument("--license", default="apache-2.0", help="license of the weights, for the card")
+    args = _run(lambda: parser.parse_args(argv))
+
+    def push_command() -> None:
+        from cifar_accel.hub import push_run
+
+        url = push_run(
+            args.run_dir, args.repo_id, private=args.private, revision=args.revision,
+            commit_message=args.commit_message, token=args.token, dataset_id=args.dataset_id, license=args.license,
+        )  # fmt: skip
+        print(f"pushed {args.run_dir} to {url}")
+
+    _run(push_command)
+
+
 def models_main(argv: list[str] | None = None) -> None:
     from cifar_accel.models import list_models
 
@@ -122,6 +191,8 @@ def recipes_main(argv: list[str] | None = None) -> None:
 COMMANDS = {
     "train": (train_main, "train a model (same flags as train.py)"),
     "evaluate": (evaluate_main, "evaluate a saved model; prints JSON with top1, top5, loss, n"),
+    "predict": (predict_main, "classify image files with a saved model (local folder or Hub repo)"),
+    "push": (push_main, "publish a finished run to the Hugging Face Hub (same as push_model.py)"),
     "models": (models_main, "list the model names"),
     "recipes": (recipes_main, "list the training recipes (train --recipe NAME)"),
     "loader-speed": (loader_speed_main, "measure images/s of the training data loader alone"),

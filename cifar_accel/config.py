@@ -84,6 +84,10 @@ class TrainConfig:
     checkpointing_steps: str | None = _option(None, "save a resumable checkpoint every N steps, or every 'epoch'")
     checkpoints_total_limit: int | None = _option(None, "keep only the newest K checkpoints")
     resume_from_checkpoint: str | None = _option(None, "'latest' or a checkpoint folder: continue that run exactly")
+    # Hub (the token comes from HF_TOKEN or `hf auth login`, never from a flag that would be saved)
+    push_to_hub: bool = _option(False, "at the end, push the best model, its card and the run's records to the Hub")
+    hub_model_id: str | None = _option(None, "USER/NAME of the Hub model repo for --push_to_hub")
+    hub_private_repo: bool = _option(False, "create the Hub repo as private")
 
     def validate(self) -> None:
         """Reject values that cannot work, with the flag name and what would be valid."""
@@ -110,6 +114,13 @@ class TrainConfig:
             raise UserError(
                 f"--checkpointing_steps must be a positive number of steps or 'epoch', got {self.checkpointing_steps!r}"
             )
+        if self.push_to_hub:
+            from cifar_accel.hub import check_repo_id, resolve_token
+
+            if not self.hub_model_id:
+                raise UserError("--push_to_hub needs --hub_model_id USER/NAME")
+            check_repo_id(self.hub_model_id, "--hub_model_id")
+            resolve_token()  # refused now rather than after hours of training
         from cifar_accel.models import list_models
 
         if self.model not in list_models():

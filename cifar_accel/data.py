@@ -24,6 +24,8 @@ from torchvision.transforms import v2
 
 from cifar_accel.config import TrainConfig
 from cifar_accel.errors import UserError
+from cifar_accel.hub import looks_like_local_path
+from cifar_accel.saved_model import preprocessing
 
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMNS = ("label", "fine_label", "labels")
@@ -56,11 +58,6 @@ class DataBundle:
         return len(self.class_names)
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``owner/name``; anything else that does not exist is a missing folder."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-
-
 def _hub_is_reachable(timeout_seconds: float = 3.0) -> bool:
     from huggingface_hub import constants
 
@@ -83,7 +80,7 @@ def load_dataset_dict(name: str) -> DatasetDict:
             return load_dataset(path)
         except (FileNotFoundError, ValueError) as error:
             raise UserError(f"cannot read a dataset from {name!r}: {str(error).splitlines()[0]}") from None
-    if _looks_like_local_path(name):
+    if looks_like_local_path(name):  # not on disk, and not a Hub id
         raise UserError(f"dataset path {name!r} does not exist; pass --dataset a Hub id or an existing folder")
     offline = constants.HF_HUB_OFFLINE
     # Checked first because the Hub client retries for ~25 s before it gives up.
@@ -395,7 +392,7 @@ class BatchCollator:
     """
 
     def __init__(self, mean: list[float], std: list[float], channels_last: bool = False):
-        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        self.normalize = preprocessing(mean, std)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, examples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.errors import StoppedBySignal, UserError
+from cifar_accel.hub import push_run
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 from cifar_accel.reporting import RunFolder, format_epoch_line, refuse_existing_run
@@ -75,10 +76,14 @@ def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0) -> dict:
-    """Loss, top-1 and top-5 over every example of ``loader`` exactly once, on all processes."""
+def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0, per_class: bool = False) -> dict:
+    """Loss, top-1 and top-5 over every example of ``loader`` exactly once, on all processes.
+
+    ``per_class`` adds each class's top-1 and the confusion matrix (rows: true class, columns: predicted).
+    """
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5 sums
+    confusion = None
     count = 0
     for images, labels in loader:
         logits = tta_logits(model, images, tta_level).float()
@@ -86,11 +91,21 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int 
         top_k = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top_k == labels[:, None]
         # gather_for_metrics drops the duplicates that pad the last batch across processes.
-        losses, top1, top5 = accelerator.gather_for_metrics((losses, hits[:, 0], hits.any(dim=1)))
+        losses, top1, top5, labels, predicted = accelerator.gather_for_metrics(
+            (losses, hits[:, 0], hits.any(dim=1), labels, top_k[:, 0])
+        )
         totals += torch.stack([losses.sum(), top1.sum(), top5.sum()]).double()
         count += len(losses)
+        if per_class:
+            classes = logits.shape[1]
+            pairs = torch.bincount(labels * classes + predicted, minlength=classes * classes).view(classes, classes)
+            confusion = pairs if confusion is None else confusion + pairs
     loss, top1, top5 = (totals / max(count, 1)).tolist()
-    return {"loss": loss, "top1": top1, "top5": top5, "n": count}
+    metrics = {"loss": loss, "top1": top1, "top5": top5, "n": count}
+    if per_class and confusion is not None:
+        metrics["per_class_top1"] = (confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)).tolist()
+        metrics["confusion_matrix"] = confusion.tolist()
+    return metrics
 
 
 def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals, lookahead=None):
@@ -350,22 +365,36 @@ def train(config: TrainConfig) -> dict:
         "num_processes": accelerator.num_processes,
     }
     model.load_state_dict(best_state)
+    final_split, final_loader = data.selection_split, eval_loader
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
-        results["test_split"] = config.eval_split
-        test_loader = accelerator.prepare(loader(data.test))
-        results["test_metrics"] = evaluate(model, test_loader, accelerator, config.tta_level)
-    elif config.tta_level:
-        results["tta_metrics"] = evaluate(model, eval_loader, accelerator, config.tta_level)
+        final_split, final_loader = config.eval_split, accelerator.prepare(loader(data.test))
+    if config.tta_level:
+        results["tta_metrics"] = evaluate(model, final_loader, accelerator, config.tta_level)
     results["tta_level"] = config.tta_level
     # evaluate() ends in a host sync, so the device has finished by now.
     results["train_seconds"] = time.perf_counter() - data_ready_time
+    # The saved model as `cifar-accel evaluate` and `predict` see it: no test-time augmentation.
+    final = evaluate(model, final_loader, accelerator, per_class=True)
+    final["per_class_top1"] = dict(zip(data.class_names, final["per_class_top1"], strict=True))
+    results["final_metrics"] = {"split": final_split, **final}
     results["total_seconds"] = time.perf_counter() - start_time
     if run_folder:
         run_folder.save_results(results)
+        run_folder.save_reports(progress.records, config.hub_model_id if config.push_to_hub else None)
         accelerator.print(
             f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; "
-            f"saved to {run_folder.best_model_dir} ({results['total_seconds']:.0f}s)"
+            f"{final_split} top1 {final['top1']:.2%}; saved to {run_folder.best_model_dir} "
+            f"({results['total_seconds']:.0f}s)"
         )
     accelerator.end_training()
+    if config.push_to_hub and accelerator.is_main_process:
+        try:
+            url = push_run(config.output_dir, config.hub_model_id, private=config.hub_private_repo)
+        except UserError as error:
+            raise UserError(
+                f"{error}; the run is saved in {config.output_dir}: push it with cifar-accel push "
+                f"--run_dir {config.output_dir} --repo_id {config.hub_model_id}"
+            ) from None
+        accelerator.print(f"pushed the best model to {url}")
     return results

@@ -5,6 +5,9 @@ import shutil
 from pathlib import Path
 
 from cifar_accel.errors import UserError
+from cifar_accel.hub import default_dataset_id
+from cifar_accel.model_card import build_model_card
+from cifar_accel.plots import plot_training_curves
 from cifar_accel.saved_model import write_json, write_text
 
 
@@ -18,7 +21,7 @@ def format_epoch_line(record: dict, epochs: int) -> str:
     )
 
 
-RUN_FILES = ("train_config.json", "metrics.jsonl", "results.json", "best", "checkpoints")
+RUN_FILES = ("train_config.json", "metrics.jsonl", "results.json", "plots", "best", "checkpoints")
 
 
 def refuse_existing_run(output_dir: str | Path) -> None:
@@ -58,6 +61,12 @@ class RunFolder:
 
     def save_results(self, results: dict) -> None:
         write_json(self.path / "results.json", results)
+
+    def save_reports(self, records: list[dict], repo_id: str | None = None) -> None:
+        """The figures, then the best model's card (it shows them); ``repo_id`` goes in its usage snippet."""
+        plot_training_curves(records, self.path / "plots" / "curves.png")
+        card = build_model_card(self.path, repo_id, default_dataset_id(self.path), plots_folder="../plots")
+        write_text(self.best_model_dir / "README.md", str(card))
 
     @property
     def best_model_dir(self) -> Path:

@@ -1,25 +1,30 @@
-"""Saving and loading a trained model: ``model.safetensors`` beside a ``config.json``.
+"""The saved-model format: ``model.safetensors`` beside a ``config.json``.
 
 The config holds everything needed to rebuild and use the network: the architecture
-name and its constructor arguments, the class names and the input normalisation.
+name and its constructor arguments, the class names and the input preprocessing.
+The weights file is the network's own state dict, so it also loads into ``get_model(...)``.
 Every file is written to a temporary sibling and renamed, so a reader never sees half of one.
-(Training checkpoints, for resuming, are in ``checkpoint.py``.)
+(``ImageClassifier`` in ``classifier.py`` is the Hub-facing wrapper around this format;
+training checkpoints, for resuming, are in ``checkpoint.py``.)
 """
 
 import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.transforms import v2
 
 from cifar_accel import __version__
 from cifar_accel.errors import UserError
-from cifar_accel.models import get_model
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+NOT_A_SAVED_MODEL = f"a saved model is a folder holding {WEIGHTS_NAME} and {CONFIG_NAME}"
+CONFIG_KEYS = ("architecture", "model_args", "num_classes", "class_names", "mean", "std", "input_size")
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -49,38 +54,54 @@ def model_config(
     }
 
 
-def save_model(model: nn.Module, directory: str | Path, config: dict) -> None:
+def preprocessing(mean: list[float], std: list[float]) -> v2.Transform:
+    """uint8 images (N, C, H, W) to the network's input: scale to [0, 1], then normalise.
+
+    Training, evaluation and ``predict`` all use this one transform, so their numbers agree exactly.
+    """
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def save_model(network: nn.Module, directory: str | Path, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     temporary = directory / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(temporary), metadata={"format": "pt"})
     os.replace(temporary, directory / WEIGHTS_NAME)
     write_json(directory / CONFIG_NAME, config)
 
 
-def load_model(directory: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the saved network in eval mode; returns it with its config."""
-    directory = Path(directory)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        if not (directory / name).is_file():
-            raise UserError(
-                f"{directory / name} not found; pass --model a folder holding {WEIGHTS_NAME} and {CONFIG_NAME}"
-            )
+def read_model_config(directory: str | Path) -> dict:
+    """The saved ``config.json``, checked to hold every key a model needs."""
+    path = Path(directory) / CONFIG_NAME
     try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        model = get_model(config["architecture"], num_classes=config["num_classes"], **config["model_args"])
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise UserError(f"{directory / CONFIG_NAME} is not a cifar_accel model config ({error})") from None
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found; {NOT_A_SAVED_MODEL}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not a cifar_accel model config ({error})") from None
+    missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise UserError(f"{path} is not a cifar_accel model config (missing {', '.join(missing)})")
+    if config["num_classes"] != len(config["class_names"]):
+        raise UserError(f"{path} lists {len(config['class_names'])} class names for {config['num_classes']} classes")
+    return config
+
+
+def load_weights(network: nn.Module, directory: str | Path, architecture: str) -> None:
+    """Load ``model.safetensors`` strictly: a missing or unexpected tensor is an error, never a partial load."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise UserError(f"{path} not found; {NOT_A_SAVED_MODEL}")
     try:
-        state = load_file(str(directory / WEIGHTS_NAME))
+        state = load_file(str(path))
     except (SafetensorError, OSError) as error:
-        raise UserError(f"{directory / WEIGHTS_NAME} is truncated or corrupt ({error})") from None
+        raise UserError(f"{path} is truncated or corrupt ({error})") from None
     try:
-        model.load_state_dict(state, strict=True)
+        network.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        first_line = str(error).splitlines()[0]
-        raise UserError(
-            f"weights in {directory} do not match architecture {config['architecture']!r}: {first_line}"
-        ) from None
-    return model.eval(), config
+        # PyTorch lists every missing and unexpected key, one kind per line: keep the start of each.
+        lines = [line.strip() for line in str(error).splitlines()[1:3]]
+        details = "; ".join(line if len(line) <= 150 else line[:150] + "..." for line in lines)
+        raise UserError(f"weights in {path} do not match architecture {architecture!r}: {details}") from None

@@ -105,7 +105,7 @@ def test_unreachable_hub(workspace):
     ("folder", "message"),
     [
         ("truncated", "{root}/truncated/model.safetensors is truncated or corrupt"),
-        ("mismatched", "weights in {root}/mismatched do not match architecture 'simple_cnn'"),
+        ("mismatched", "weights in {root}/mismatched/model.safetensors do not match architecture 'simple_cnn'"),
     ],
 )
 def test_bad_saved_model(workspace, colour_dataset, folder, message):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from cifar_accel import saved_model
+from cifar_accel import load_model, saved_model
 from cifar_accel.checkpoint import (
     TrainingProgress,
     checkpoint_folders,
@@ -45,7 +45,7 @@ def test_a_model_save_that_fails_midway_leaves_the_previous_model(tmp_path, monk
         saved_model.save_model(get_model("simple_cnn", num_classes=3), tmp_path, config)
     after = _files(tmp_path)
     assert {name: after[name] for name in before} == before
-    saved_model.load_model(tmp_path)  # still loads
+    load_model(tmp_path)  # still loads
 
 
 def test_a_json_write_that_fails_midway_leaves_the_previous_file(tmp_path, monkeypatch):

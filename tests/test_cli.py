@@ -29,7 +29,5 @@ def test_evaluate_without_a_saved_model_is_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--model", str(tmp_path)])
     assert exit_info.value.code == 2
-    expected = (
-        f"{tmp_path}/model.safetensors not found; pass --model a folder holding model.safetensors and config.json"
-    )
+    expected = f"{tmp_path}/config.json not found; a saved model is a folder holding model.safetensors and config.json"
     assert capsys.readouterr().err == f"error: {expected}\n"

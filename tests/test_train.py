@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import accelerate_launch, cifar_accel_command, run_command, write_hub_layout
+from huggingface_hub import ModelCard
 
 TRAIN_FLAGS = "--model bn_cnn --epochs 3 --batch_size 32 --learning_rate 0.05 --label_smoothing 0 --num_workers 1"
 TWO_CPU_PROCESSES = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
@@ -46,13 +47,28 @@ def test_run_folder_holds_config_metrics_best_model_and_results(single_process_r
     assert saved["mean"] == config["mean"] and saved["std"] == config["std"]
     assert (single_process_run / "best" / "model.safetensors").stat().st_size > 1_000_000
     results = _results(single_process_run)
-    assert results["selected_by"] == "validation" and results["test_split"] == "test"
+    assert results["selected_by"] == "validation"
     assert results["best_metrics"]["eval_top1"] == max(record["eval_top1"] for record in metrics)
-    assert results["test_metrics"]["n"] == 101
+    final = results["final_metrics"]  # the chosen model on the untouched test split
+    assert final["split"] == "test" and final["n"] == 101
+    confusion = final["confusion_matrix"]
+    assert sum(map(sum, confusion)) == 101 and [sum(row) for row in confusion] == [26, 25, 25, 25]
+    assert final["top1"] == pytest.approx(sum(confusion[i][i] for i in range(4)) / 101)
+    assert list(final["per_class_top1"]) == config["class_names"]
+    assert final["per_class_top1"]["red"] == pytest.approx(confusion[0][0] / 26)
+
+
+def test_run_folder_has_training_curves_and_a_model_card_matching_the_results(single_process_run):
+    assert (single_process_run / "plots" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = ModelCard.load(single_process_run / "best" / "README.md")
+    [evaluation] = card.data.eval_results
+    assert evaluation.metric_value == _results(single_process_run)["final_metrics"]["top1"]
+    assert (evaluation.dataset_split, card.data.library_name) == ("test", "cifar-accel")
+    assert "![Training curves](../plots/curves.png)" in card.text
 
 
 def test_short_training_beats_chance_by_a_wide_margin(single_process_run):
-    assert _results(single_process_run)["test_metrics"]["top1"] >= 0.8  # chance is 0.25
+    assert _results(single_process_run)["final_metrics"]["top1"] >= 0.8  # chance is 0.25
 
 
 def test_evaluate_command_reproduces_the_chosen_model_on_the_test_split(single_process_run, colour_dataset):
@@ -71,7 +87,7 @@ def test_evaluate_command_reproduces_the_chosen_model_on_the_test_split(single_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
-    expected = _results(single_process_run)["test_metrics"]
+    expected = _results(single_process_run)["final_metrics"]
     assert metrics["n"] == 101
     assert metrics["top1"] == pytest.approx(expected["top1"], abs=1e-9)
     assert metrics["top5"] == pytest.approx(expected["top5"], abs=1e-9)

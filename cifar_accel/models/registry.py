@@ -1,5 +1,6 @@
 """Model registry: every architecture is a named builder ``builder(num_classes, **kwargs)``."""
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -28,4 +29,11 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    builder = _REGISTRY[name]
+    accepted = set(inspect.signature(builder).parameters) - {"num_classes"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise UserError(
+            f"model {name!r} does not take {', '.join(unknown)}; its arguments are: {', '.join(sorted(accepted))}"
+        )
+    return builder(num_classes=num_classes, **kwargs)

@@ -1,0 +1,180 @@
+"""The Hugging Face Hub: download a saved model's files, publish a finished run.
+
+Every failure becomes a one-line ``UserError`` that says what to do, and nothing local is
+written by a push. The token goes to ``huggingface_hub`` and is never printed or saved.
+"""
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from cifar_accel.errors import UserError
+from cifar_accel.model_card import build_model_card
+from cifar_accel.models import get_model
+from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
+
+# Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
+RUN_FILES_PUBLISHED = ("train_config.json", "metrics.jsonl", "results.json")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a path on disk."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def default_dataset_id(run_dir: Path) -> str | None:
+    """The run's ``--dataset`` when it is a Hub id; None for a local copy."""
+    dataset = json.loads((run_dir / "train_config.json").read_text())["dataset"]
+    return None if looks_like_local_path(dataset) or Path(dataset).expanduser().exists() else dataset
+
+
+def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
+    """A repo to publish to is ``USER/NAME`` (or ``ORG/NAME``), so its URL is known before pushing."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        pass
+    else:
+        if repo_id.count("/") == 1:
+            return
+    raise UserError(f"{flag} must be USER/NAME or ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}")
+
+
+def resolve_token(token: str | None = None) -> str:
+    """``--token``, else ``HF_TOKEN``, else the token stored by ``hf auth login``."""
+    token = token or get_token()
+    if not token:
+        raise UserError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
+    return token
+
+
+def _is_network_error(error: Exception) -> bool:
+    # The client's HTTP library has changed across versions (requests, httpx, httpx2): match by module.
+    return isinstance(error, ConnectionError) or type(error).__module__.split(".")[0] in (
+        "httpx", "httpx2", "requests", "urllib3",
+    )  # fmt: skip
+
+
+@contextmanager
+def hub_errors(action: str, repo_id: str, revision: str | None = None, filename: str | None = None) -> Iterator[None]:
+    """Turn the client's exceptions into one line that starts with ``action``."""
+    endpoint = constants.ENDPOINT
+    try:
+        yield
+    except RevisionNotFoundError:
+        raise UserError(f"{action}: {repo_id} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"{action}: {repo_id} not found on {endpoint}, or it is private and the token cannot read it"
+        ) from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(
+                f"{action}: {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "unset it where the Hub can be reached, or pass a local folder"
+            ) from None
+        raise UserError(f"{action}: cannot reach {endpoint}, and {repo_id} is not in the Hugging Face cache") from None
+    except EntryNotFoundError:
+        raise UserError(f"{action}: {repo_id} has no {filename}, so it is not a cifar_accel model") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        server_says = f" ({error.server_message.splitlines()[0]})" if error.server_message else ""
+        if status == 401:
+            raise UserError(
+                f"{action}: the Hub refused the token (HTTP 401){server_says}; "
+                "check --token, HF_TOKEN or `hf auth login`"
+            ) from None
+        if status == 403:
+            raise UserError(f"{action}: permission denied for {repo_id} (HTTP 403){server_says}") from None
+        raise UserError(f"{action}: the Hub answered HTTP {status}{server_says}") from None
+    except Exception as error:
+        if _is_network_error(error):
+            raise UserError(f"{action}: cannot reach {endpoint} ({error})") from None
+        raise
+
+
+def download_model_files(repo_id: str, revision: str | None = None, **download_options) -> Path:
+    """The folder in the Hugging Face cache holding a repo's ``config.json`` and ``model.safetensors``.
+
+    Through the cache: once downloaded, ``HF_HUB_OFFLINE=1`` loads it without the network.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{repo_id!r} is neither a folder holding a saved model nor a valid Hub repo id") from None
+    path = None
+    for filename in (CONFIG_NAME, WEIGHTS_NAME):
+        with hub_errors(f"cannot download {repo_id}", repo_id, revision, filename):
+            path = hf_hub_download(repo_id, filename, revision=revision, **download_options)
+    return Path(path).parent
+
+
+def check_saved_model(directory: Path) -> dict:
+    """The weights load, strictly, into the architecture their config names; returns the config."""
+    config = read_model_config(directory)
+    network = get_model(config["architecture"], num_classes=config["num_classes"], **config["model_args"])
+    load_weights(network, directory, config["architecture"])
+    return config
+
+
+def run_upload(run_dir: Path) -> dict[str, Path]:
+    """Path in the repo -> local file, for a finished run folder; refuses an unfinished one."""
+    files = {
+        WEIGHTS_NAME: run_dir / "best" / WEIGHTS_NAME,
+        CONFIG_NAME: run_dir / "best" / CONFIG_NAME,
+        **{name: run_dir / name for name in RUN_FILES_PUBLISHED},
+    }
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train to the end first")
+    files.update({f"plots/{path.name}": path for path in sorted((run_dir / "plots").glob("*.png"))})
+    return files
+
+
+def push_run(
+    run_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    dataset_id: str | None = None,
+    license: str = "apache-2.0",
+) -> str:
+    """Publish a run's best model with its card, plots and records in one commit; returns the repo URL.
+
+    ``dataset_id`` names the training data in the card; by default the run's ``--dataset`` if it is a Hub id.
+    """
+    run_dir = Path(run_dir)
+    check_repo_id(repo_id)
+    files = run_upload(run_dir)
+    config = check_saved_model(run_dir / "best")
+    card = build_model_card(run_dir, repo_id, dataset_id or default_dataset_id(run_dir), license)
+    token = resolve_token(token)
+    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode())]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
+    api = HfApi(token=token)
+    with hub_errors(f"cannot push to {repo_id}", repo_id, revision):
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        api.create_commit(
+            repo_id,
+            operations,
+            commit_message=commit_message or f"Upload {config['architecture']} trained with cifar_accel",
+            revision=revision,
+        )
+    return f"{repo_url}/tree/{revision}" if revision else str(repo_url)

@@ -1,0 +1,153 @@
+"""Model cards (``README.md``) written with ``huggingface_hub``'s ``ModelCard`` and ``ModelCardData``.
+
+``build_model_card(run_dir)`` reads a finished run folder: the YAML metadata carries a
+``model-index`` with the evaluated top-1 accuracy; the body has the results, the recipe,
+hardware and time, the training curves and a usage snippet that downloads and predicts.
+"""
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from cifar_accel.saved_model import read_model_config
+
+LIBRARY_NAME = "cifar-accel"
+# The settings a reader needs to judge and repeat a run; the card links train_config.json for the rest.
+KEY_SETTINGS = (
+    "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
+    "momentum", "scheduler", "warmup_fraction", "label_smoothing", "crop_padding", "cutout", "alternating_flip",
+    "lookahead", "mixed_precision", "max_train_samples", "validation_size", "seed",
+)  # fmt: skip
+
+
+def _usage(model_reference: str) -> str:
+    return f"""## Usage
+
+With `cifar_accel` installed:
+
+```python
+from PIL import Image
+from cifar_accel import load_model
+
+model = load_model("{model_reference}")  # downloads once, then loads from the Hugging Face cache
+print(model.predict(Image.open("cat.png"), top_k=3))  # [{{'label': 'cat', 'score': 0.93}}, ...]
+```
+
+or from the shell: `cifar-accel predict --model {model_reference} cat.png`
+"""
+
+
+def _card(card_data: ModelCardData, body: str) -> ModelCard:
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
+
+
+def minimal_model_card(config: dict, model_reference: str = "PATH_OR_REPO_ID") -> ModelCard:
+    """The card of a model saved outside a training run: what it is and how to use it."""
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=["image-classification", LIBRARY_NAME]
+    )
+    classes = ", ".join(config["class_names"])
+    body = f"# {config['architecture']}\n\nClasses ({config['num_classes']}): {classes}.\n\n{_usage(model_reference)}"
+    return _card(card_data, body)
+
+
+def _percent(value: float) -> str:
+    return f"{value:.2%}"
+
+
+def _results_section(results: dict, dataset_name: str) -> str:
+    final = results["final_metrics"]
+    rows = [
+        f"| top-1 accuracy | {_percent(final['top1'])} |",
+        f"| top-5 accuracy | {_percent(final['top5'])} |",
+        f"| loss | {final['loss']:.4f} |",
+    ]
+    if "tta_metrics" in results:
+        rows.append(f"| top-1 with test-time augmentation (level {results['tta_level']}) | "
+                    f"{_percent(results['tta_metrics']['top1'])} |")  # fmt: skip
+    per_class = "\n".join(f"| {name} | {_percent(value)} |" for name, value in final["per_class_top1"].items())
+    return f"""## Results
+
+The saved model on the `{final["split"]}` split of `{dataset_name}` ({final["n"]:,} images), evaluated at
+the end of training by the code of `cifar-accel evaluate` (`results.json`, `final_metrics`):
+
+| metric | value |
+|---|---|
+{chr(10).join(rows)}
+
+Per-class top-1 accuracy:
+
+| class | top-1 |
+|---|---|
+{per_class}
+"""
+
+
+def _training_section(settings: dict, results: dict) -> str:
+    shown = [name for name in KEY_SETTINGS if settings.get(name) not in (None, {})]
+    rows = "\n".join(f"| `{name}` | `{json.dumps(settings[name])}` |" for name in shown)
+    environment = settings["environment"]
+    versions = ", ".join(f"{name} {environment[name]}" for name in ("cifar_accel", "torch", "accelerate", "datasets"))
+    return f"""## Training
+
+Trained with `cifar-accel train`; every setting is in `train_config.json` and every epoch in `metrics.jsonl`.
+The best epoch ({results["best_epoch"]}) was chosen on the `{results["selected_by"]}` split.
+
+| setting | value |
+|---|---|
+{rows}
+
+Hardware and time: {settings["num_processes"]} process(es) on {environment["device"]}, {results["total_seconds"]:.0f} s
+in all ({results["train_seconds"]:.0f} s from data loaded to the last evaluation); {versions}.
+"""
+
+
+def build_model_card(
+    run_dir: str | Path,
+    repo_id: str | None = None,
+    dataset_id: str | None = None,
+    license: str = "apache-2.0",
+    plots_folder: str = "plots",
+) -> ModelCard:
+    """The card of a finished run.
+
+    ``dataset_id``: the Hub dataset for the metadata (None: a local copy, named by its folder);
+    ``plots_folder``: where the card's images are, relative to the card.
+    """
+    run_dir = Path(run_dir)
+    settings = json.loads((run_dir / "train_config.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    config = read_model_config(run_dir / "best")
+    final = results["final_metrics"]
+    dataset_name = dataset_id or Path(settings["dataset"]).name
+    model_name = repo_id.split("/")[-1] if repo_id else f"{config['architecture']}-{dataset_name}"
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        pipeline_tag="image-classification",
+        license=license,
+        tags=["image-classification", LIBRARY_NAME, config["architecture"]],
+        datasets=[dataset_id] if dataset_id else None,
+        metrics=["accuracy"],
+        model_name=model_name,
+        eval_results=[
+            EvalResult(
+                task_type="image-classification",
+                dataset_type=dataset_name,
+                dataset_name=dataset_name,
+                dataset_split=final["split"],
+                metric_type="accuracy",
+                metric_name="Top-1 accuracy",
+                metric_value=final["top1"],
+            )
+        ],
+    )
+    curves = run_dir / "plots" / "curves.png"
+    figure = f"## Training curves\n\n![Training curves]({plots_folder}/curves.png)\n\n" if curves.is_file() else ""
+    body = (
+        f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "
+        f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on its `{final['split']}` split.\n\n"
+        f"{_results_section(results, dataset_name)}\n{figure}{_training_section(settings, results)}\n"
+        f"{_usage(repo_id or str(run_dir / 'best'))}"
+    )
+    return _card(card_data, body)

@@ -1,0 +1,267 @@
+"""Publishing and downloading: the saved format, predict, the model card, and push/download through
+huggingface_hub's real HTTP client against a stand-in Hub on 127.0.0.1 (``tests/hub_server.py``)."""
+
+import json
+import sys
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import torch
+from conftest import cifar_accel_command, run_command
+from datasets import load_dataset
+from hub_server import StandInHub
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cifar_accel import ImageClassifier, get_model, load_model
+from cifar_accel.errors import UserError
+from cifar_accel.hub import push_run
+
+ALICE = "hf_alice_0123456789secret"  # distinctive, so a leak anywhere is found by a substring search
+BOB = "hf_bob_0123456789secret"
+PUBLISHED = {"README.md", "model.safetensors", "config.json", "train_config.json", "metrics.jsonl", "results.json",
+             "plots/curves.png"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(colour_dataset, tmp_path_factory) -> Path:
+    """One short epoch: about half the test images right, so accuracies can disagree if anything differs."""
+    run_dir = tmp_path_factory.mktemp("run")
+    flags = "--model simple_cnn --epochs 1 --batch_size 64 --optimizer adamw --learning_rate 0.005 --num_workers 0"
+    result = run_command(cifar_accel_command("train", "--dataset", str(colour_dataset), "--output_dir", str(run_dir),
+                                             "--overwrite_output_dir", *flags.split()))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    # hf_xet would upload through Xet, which the stand-in does not have: take the plain LFS path.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    # No token from this machine: none in the environment, none stored by `hf auth login`.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "stored_token"))
+    with StandInHub({ALICE: "alice", BOB: "bob"}) as server:
+        # What HF_ENDPOINT does, for this process (the client reads it once, at import).
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        yield server
+
+
+def _hub_env(hub: StandInHub, tmp_path: Path, **extra: str) -> dict:
+    """A subprocess pointed at the stand-in with its own empty Hugging Face cache."""
+    return {**hub.client_env(), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "", **extra}
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*")}
+
+
+def _test_images(colour_dataset: Path) -> tuple[list[Image.Image], list[int]]:
+    split = load_dataset(str(colour_dataset), split="test")
+    return [row["img"] for row in split], [row["label"] for row in split]
+
+
+def _logits_of(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_trained_model_round_trips_through_a_folder_with_the_same_logits(tmp_path):
+    model = ImageClassifier("bn_cnn", 3, ["a", "b", "c"], [0.5] * 3, [0.25] * 3, model_args={"fc_dropout": 0.2})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # a few real steps, so BatchNorm statistics and weights differ from initialisation
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 3, (8,)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(tmp_path)
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert {key: config[key] for key in ("architecture", "model_args", "num_classes", "class_names")} == {
+        "architecture": "bn_cnn", "model_args": {"fc_dropout": 0.2}, "num_classes": 3, "class_names": ["a", "b", "c"]
+    }  # fmt: skip
+    assert config["mean"] == [0.5] * 3 and config["input_size"] == [3, 32, 32] and "cifar_accel_version" in config
+    for loaded in (load_model(tmp_path), ImageClassifier.from_pretrained(tmp_path)):
+        assert not loaded.training
+        assert torch.equal(_logits_of(loaded), _logits_of(model))
+    # The weights file is the network's own state dict: it loads into the registry model as it is.
+    network = get_model("bn_cnn", num_classes=3, fc_dropout=0.2).eval()
+    network.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    assert torch.equal(_logits_of(network), _logits_of(model))
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_loading_is_strict_about_the_weights(tmp_path, change):
+    ImageClassifier("simple_cnn", 3, ["a", "b", "c"], [0.5] * 3, [0.25] * 3).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    if change == "extra":
+        weights["head.extra"] = torch.zeros(1)
+    else:
+        weights.pop(sorted(weights)[0])
+    save_file(weights, tmp_path / "model.safetensors")
+    expected = "Unexpected key" if change == "extra" else "Missing key"
+    with pytest.raises(UserError, match=f"do not match architecture 'simple_cnn': {expected}"):
+        load_model(tmp_path)
+
+
+def test_predict_takes_pil_images_arrays_and_tensors_alike(run_dir):
+    model = load_model(run_dir / "best")
+    pixels = np.full((32, 32, 3), (200, 40, 40), dtype=np.uint8)
+    from_pil = model.predict(Image.fromarray(pixels), top_k=2)
+    assert [set(entry) for entry in from_pil] == [{"label", "score"}] * 2
+    assert from_pil[0]["score"] >= from_pil[1]["score"]
+    assert model.predict(pixels, top_k=2) == from_pil
+    assert model.predict(torch.from_numpy(pixels).permute(2, 0, 1), top_k=2) == from_pil
+    assert model.predict(np.stack([pixels, pixels]), top_k=2) == [from_pil, from_pil]
+    everything = model.predict(Image.fromarray(pixels), top_k=10)  # more than there are classes: all four
+    assert sorted(entry["label"] for entry in everything) == ["blue", "green", "red", "yellow"]
+    assert sum(entry["score"] for entry in everything) == pytest.approx(1.0, abs=1e-5)
+    assert len(model.predict(Image.fromarray(np.repeat(pixels, 3, axis=0)))) == 4  # 96x32: resized first
+
+
+def test_predict_accuracy_equals_the_evaluate_command(run_dir, colour_dataset):
+    result = run_command(cifar_accel_command("evaluate", "--model", str(run_dir / "best"), "--dataset",
+                                             str(colour_dataset), "--num_workers", "0"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    images, labels = _test_images(colour_dataset)
+    names = load_model(run_dir / "best").config["class_names"]
+    predictions = load_model(run_dir / "best").predict(images, top_k=4, batch_size=32)
+    top1 = np.mean([ranked[0]["label"] == names[label] for ranked, label in zip(predictions, labels, strict=True)])
+    assert 0.3 < evaluated["top1"] < 0.9  # neither chance nor perfect: agreement below means something
+    assert top1 == evaluated["top1"]
+    scores = [{entry["label"]: entry["score"] for entry in ranked} for ranked in predictions]
+    loss = np.mean([-np.log(score[names[label]]) for score, label in zip(scores, labels, strict=True)])
+    assert loss == pytest.approx(evaluated["loss"], rel=1e-5)
+    assert evaluated["top1"] == json.loads((run_dir / "results.json").read_text())["final_metrics"]["top1"]
+
+
+def test_push_commits_the_run_once_and_the_model_downloads_with_the_same_logits(run_dir, hub, tmp_path):
+    before = _snapshot(run_dir)
+    result = run_command(
+        cifar_accel_command("push", "--run_dir", str(run_dir), "--repo_id", "alice/colours", "--dataset_id",
+                            "uoft-cs/cifar10"),
+        env=_hub_env(hub, tmp_path, HF_TOKEN=ALICE),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{hub.endpoint}/alice/colours" in result.stdout
+    assert _snapshot(run_dir) == before  # pushing writes nothing locally
+
+    [commit] = hub.commits("alice/colours")
+    assert set(commit["files_added"]) == PUBLISHED
+    local = {"model.safetensors": "best/model.safetensors", "config.json": "best/config.json"}
+    for path_in_repo, data in commit["files_added"].items():
+        if path_in_repo != "README.md":
+            assert data == (run_dir / local.get(path_in_repo, path_in_repo)).read_bytes(), path_in_repo
+
+    card = ModelCard(commit["files_added"]["README.md"].decode())
+    results = json.loads((run_dir / "results.json").read_text())
+    assert card.data.library_name == "cifar-accel" and card.data.pipeline_tag == "image-classification"
+    assert card.data.datasets == ["uoft-cs/cifar10"] and card.data.license == "apache-2.0"
+    [evaluation] = card.data.eval_results
+    assert evaluation.metric_type == "accuracy" and evaluation.dataset_split == "test"
+    assert evaluation.metric_value == results["final_metrics"]["top1"]
+    for expected in ("![Training curves](plots/curves.png)", '"alice/colours"', "| yellow |", "top-5 accuracy"):
+        assert expected in card.text
+
+    # Download through the real client into the Hugging Face cache, then again offline from the cache.
+    script = "import torch, cifar_accel; print(cifar_accel.load_model('alice/colours')(torch.load('x.pt')).tolist())"
+    torch.save(torch.randn(4, 3, 32, 32), tmp_path / "x.pt")
+    expected_logits = load_model(run_dir / "best")(torch.load(tmp_path / "x.pt")).tolist()
+    for offline in ("0", "1"):
+        if offline == "1":
+            hub.stop()
+        result = run_command([sys.executable, "-c", script.replace("x.pt", str(tmp_path / "x.pt"))],
+                             env=_hub_env(hub, tmp_path, HF_HUB_OFFLINE=offline))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == expected_logits
+    assert ALICE not in result.stdout + result.stderr
+
+
+def test_push_to_a_branch_of_a_private_repo(run_dir, hub, tmp_path):
+    url = push_run(run_dir, "alice/private", private=True, revision="v1", commit_message="first", token=ALICE)
+    assert url == f"{hub.endpoint}/alice/private/tree/v1"
+    assert hub.repo("alice/private")["private"] is True
+    assert hub.commits("alice/private", "main") == []
+    [commit] = hub.commits("alice/private", "v1")
+    assert commit["message"] == "first" and set(commit["files_added"]) == PUBLISHED
+    card = ModelCard(commit["files_added"]["README.md"].decode())
+    assert card.data.datasets is None  # trained on a local folder: no Hub dataset is claimed
+    with pytest.raises(UserError, match="alice/private not found .* or it is private"):
+        load_model("alice/private", revision="v1", token=False, cache_dir=tmp_path)
+    owner_copy = load_model("alice/private", revision="v1", token=ALICE, cache_dir=tmp_path)
+    assert torch.equal(_logits_of(owner_copy), _logits_of(load_model(run_dir / "best")))
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "token", "message"),
+    [
+        ("alice/x", None, "no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`"),
+        ("not a repo", ALICE, "--repo_id must be USER/NAME or ORG/NAME"),
+        ("alice/x", BOB, "cannot push to alice/x: permission denied for alice/x \\(HTTP 403\\)"),
+        ("alice/x", "hf_unknown_0123456789secret", "cannot push to alice/x: the Hub refused the token \\(HTTP 401\\)"),
+    ],
+)
+def test_push_errors_are_one_line_and_change_nothing(run_dir, hub, repo_id, token, message):
+    before = _snapshot(run_dir)
+    with pytest.raises(UserError, match=message) as raised:
+        push_run(run_dir, repo_id, token=token)
+    assert "\n" not in str(raised.value) and "secret" not in str(raised.value)
+    assert _snapshot(run_dir) == before
+    assert not any("/commit/" in path for _, path, _ in hub.requests)
+
+
+def test_push_reads_the_token_stored_by_hf_auth_login(run_dir, hub):
+    Path(huggingface_hub.constants.HF_TOKEN_PATH).write_text(ALICE)
+    push_run(run_dir, "alice/stored")
+    assert len(hub.commits("alice/stored")) == 1
+
+
+def test_push_reports_an_unreachable_hub_in_one_line(run_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    before = _snapshot(run_dir)
+    with pytest.raises(UserError, match="cannot push to alice/x: cannot reach http://127.0.0.1:9"):
+        push_run(run_dir, "alice/x", token=ALICE)
+    assert _snapshot(run_dir) == before
+
+
+def test_push_refuses_an_unfinished_run(run_dir, tmp_path):
+    (tmp_path / "best").mkdir()
+    for name in ("train_config.json", "metrics.jsonl", "best/model.safetensors", "best/config.json"):
+        (tmp_path / name).write_bytes((run_dir / name).read_bytes())
+    with pytest.raises(UserError, match="is not a finished run \\(missing .*results.json\\)"):
+        push_run(tmp_path, "alice/x", token=ALICE)
+
+
+def test_train_pushes_the_best_model_at_the_end(colour_dataset, hub, tmp_path):
+    output = tmp_path / "run"
+    flags = f"--dataset {colour_dataset} --output_dir {output} --model simple_cnn --epochs 1 --num_workers 0"
+    command = cifar_accel_command("train", *flags.split(), "--push_to_hub", "--hub_model_id", "alice/trained")
+    result = run_command(command, env=_hub_env(hub, tmp_path, HF_TOKEN=ALICE))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"pushed the best model to {hub.endpoint}/alice/trained" in result.stdout
+    [commit] = hub.commits("alice/trained")
+    assert commit["files_added"]["model.safetensors"] == (output / "best" / "model.safetensors").read_bytes()
+    local_card = ModelCard.load(output / "best" / "README.md")  # the run's own card, images relative to best/
+    assert "![Training curves](../plots/curves.png)" in local_card.text and '"alice/trained"' in local_card.text
+    for text in (result.stdout, result.stderr, *(path.read_text() for path in output.rglob("*.json*"))):
+        assert ALICE not in text
+
+
+def test_train_refuses_to_start_a_run_it_could_not_push(colour_dataset, tmp_path):
+    output = tmp_path / "run"
+    flags = f"--dataset {colour_dataset} --output_dir {output} --push_to_hub --hub_model_id alice/x"
+    environment = {"HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": ""}
+    result = run_command(cifar_accel_command("train", *flags.split()), env=environment)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`"
+    )
+    assert not output.exists()
