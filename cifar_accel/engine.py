@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int 
     loss, top1, top5 = (totals / max(count, 1)).tolist()
     metrics = {"loss": loss, "top1": top1, "top5": top5, "n": count}
     if per_class and confusion is not None:
-        metrics["per_class_top1"] = (confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)).tolist()
+        metrics["per_class_top1"] = (confusion.diagonal().double() / confusion.sum(dim=1).clamp(min=1)).tolist()
         metrics["confusion_matrix"] = confusion.tolist()
     return metrics
 

@@ -146,7 +146,8 @@ def build_model_card(
     figure = f"## Training curves\n\n![Training curves]({plots_folder}/curves.png)\n\n" if curves.is_file() else ""
     body = (
         f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "
-        f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on its `{final['split']}` split.\n\n"
+        f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {final['n']:,} images of its "
+        f"`{final['split']}` split.\n\n"
         f"{_results_section(results, dataset_name)}\n{figure}{_training_section(settings, results)}\n"
         f"{_usage(repo_id or str(run_dir / 'best'))}"
     )
