@@ -17,7 +17,7 @@ LIBRARY_NAME = "cifar-accel"
 KEY_SETTINGS = (
     "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
     "momentum", "scheduler", "warmup_fraction", "label_smoothing", "crop_padding", "cutout", "alternating_flip",
-    "lookahead", "mixed_precision", "max_train_samples", "validation_size", "seed",
+    "lookahead", "mixed_precision", "max_train_samples", "max_eval_samples", "validation_size", "seed",
 )  # fmt: skip
 
 
@@ -30,8 +30,8 @@ With `cifar_accel` installed:
 from PIL import Image
 from cifar_accel import load_model
 
-model = load_model("{model_reference}")  # downloads once, then loads from the Hugging Face cache
-print(model.predict(Image.open("cat.png"), top_k=3))  # [{{'label': 'cat', 'score': 0.93}}, ...]
+model = load_model("{model_reference}")  # a Hub repo is downloaded once, into the Hugging Face cache
+print(model.predict(Image.open("cat.png"), top_k=3))  # [{{'label': ..., 'score': ...}}, ...], most likely first
 ```
 
 or from the shell: `cifar-accel predict --model {model_reference} cat.png`
@@ -87,12 +87,15 @@ Per-class top-1 accuracy:
 def _training_section(settings: dict, results: dict) -> str:
     shown = [name for name in KEY_SETTINGS if settings.get(name) not in (None, {})]
     rows = "\n".join(f"| `{name}` | `{json.dumps(settings[name])}` |" for name in shown)
+    selection_note = ""
+    if results["selected_by"] == results["final_metrics"]["split"]:
+        selection_note = " (no validation hold-out: the results above are of the epoch that split chose)"
     environment = settings["environment"]
     versions = ", ".join(f"{name} {environment[name]}" for name in ("cifar_accel", "torch", "accelerate", "datasets"))
     return f"""## Training
 
 Trained with `cifar-accel train`; every setting is in `train_config.json` and every epoch in `metrics.jsonl`.
-The best epoch ({results["best_epoch"]}) was chosen on the `{results["selected_by"]}` split.
+The best epoch ({results["best_epoch"]}) was chosen on the `{results["selected_by"]}` split{selection_note}.
 
 | setting | value |
 |---|---|

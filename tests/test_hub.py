@@ -200,6 +200,16 @@ def test_push_to_a_branch_of_a_private_repo(run_dir, hub, tmp_path):
     assert torch.equal(_logits_of(owner_copy), _logits_of(load_model(run_dir / "best")))
 
 
+def test_the_mixin_methods_push_and_load_the_same_format(hub, tmp_path):
+    model = ImageClassifier("simple_cnn", 3, ["a", "b", "c"], [0.5] * 3, [0.25] * 3).eval()
+    model.push_to_hub("alice/mixin", token=ALICE)
+    [commit] = hub.commits("alice/mixin")
+    assert set(commit["files_added"]) == {"README.md", "config.json", "model.safetensors"}
+    assert ModelCard(commit["files_added"]["README.md"].decode()).data.library_name == "cifar-accel"
+    loaded = ImageClassifier.from_pretrained("alice/mixin", cache_dir=tmp_path)
+    assert torch.equal(_logits_of(loaded), _logits_of(model))
+
+
 @pytest.mark.parametrize(
     ("repo_id", "token", "message"),
     [
