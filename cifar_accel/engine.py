@@ -91,13 +91,12 @@ def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int 
         top_k = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top_k == labels[:, None]
         # gather_for_metrics drops the duplicates that pad the last batch across processes.
-        losses, top1, top5, labels, predicted = accelerator.gather_for_metrics(
-            (losses, hits[:, 0], hits.any(dim=1), labels, top_k[:, 0])
-        )
+        extra = (labels, top_k[:, 0]) if per_class else ()
+        losses, top1, top5, *extra = accelerator.gather_for_metrics((losses, hits[:, 0], hits.any(dim=1), *extra))
         totals += torch.stack([losses.sum(), top1.sum(), top5.sum()]).double()
         count += len(losses)
         if per_class:
-            classes = logits.shape[1]
+            (labels, predicted), classes = extra, logits.shape[1]
             pairs = torch.bincount(labels * classes + predicted, minlength=classes * classes).view(classes, classes)
             confusion = pairs if confusion is None else confusion + pairs
     loss, top1, top5 = (totals / max(count, 1)).tolist()

@@ -105,6 +105,9 @@ def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, t
     [record] = _metrics(tmp_path)
     assert record["eval_n"] == 101  # 101 = 2 x 50 + 1: the padded duplicate is not counted
     assert record["train_examples"] == 256  # 256 = 8 steps x 2 processes x 16
+    final = _results(tmp_path)["final_metrics"]
+    assert final["n"] == 101 and sum(map(sum, final["confusion_matrix"])) == 101
+    assert final["top1"] == record["eval_top1"]  # the saved model, evaluated again on both ranks
 
 
 @pytest.mark.parametrize(("data_loader", "port"), [("torch", 29612), ("device", 29614)])
