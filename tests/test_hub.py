@@ -31,10 +31,10 @@ def run_dir(colour_dataset, tmp_path_factory) -> Path:
     """One short epoch: about half the test images right, so accuracies can disagree if anything differs."""
     run_dir = tmp_path_factory.mktemp("run")
     flags = "--model simple_cnn --epochs 1 --batch_size 64 --optimizer adamw --learning_rate 0.005 --num_workers 0"
-    result = run_command(cifar_accel_command("train", "--dataset", str(colour_dataset), "--output_dir", str(run_dir),
-                                             "--overwrite_output_dir", *flags.split()))  # fmt: skip
+    command = ["train", "--dataset", str(colour_dataset), "--output_dir", str(run_dir / "run"), *flags.split()]
+    result = run_command(cifar_accel_command(*command))
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    return run_dir / "run"
 
 
 @pytest.fixture
