@@ -364,17 +364,20 @@ def train(config: TrainConfig) -> dict:
         "num_processes": accelerator.num_processes,
     }
     model.load_state_dict(best_state)
-    final_split, final_loader = data.selection_split, eval_loader
+    final_split, final_data = data.selection_split, data.evaluation
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
-        final_split, final_loader = config.eval_split, accelerator.prepare(loader(data.test))
+        final_split, final_data = config.eval_split, data.test
     if config.tta_level:
-        results["tta_metrics"] = evaluate(model, final_loader, accelerator, config.tta_level)
+        tta_loader = eval_loader if data.test is None else accelerator.prepare(loader(data.test))
+        results["tta_metrics"] = evaluate(model, tta_loader, accelerator, config.tta_level)
     results["tta_level"] = config.tta_level
     # evaluate() ends in a host sync, so the device has finished by now.
     results["train_seconds"] = time.perf_counter() - data_ready_time
-    # The saved model as `cifar-accel evaluate` and `predict` see it: no test-time augmentation.
-    final = evaluate(model, final_loader, accelerator, per_class=True)
+    # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader
+    # (the device loader normalises with a fused multiply-add, equal only to the last bits), without TTA.
+    final_loader = make_dataloader(final_data, data, False, config.eval_batch_size, config.num_workers)
+    final = evaluate(model, accelerator.prepare(final_loader), accelerator, per_class=True)
     final["per_class_top1"] = dict(zip(data.class_names, final["per_class_top1"], strict=True))
     results["final_metrics"] = {"split": final_split, **final}
     results["total_seconds"] = time.perf_counter() - start_time
