@@ -31,7 +31,11 @@ class ImageClassifier(
     pipeline_tag="image-classification",
     tags=["image-classification", "cifar-accel"],
 ):
-    """``forward`` takes preprocessed batches (as in training); ``predict`` takes raw images."""
+    """``forward`` takes preprocessed batches (as in training); ``predict`` takes raw images.
+
+    The constructor's arguments are ``config.json``'s keys (``input_size`` is recorded there: 3x32x32 for
+    every registered model).
+    """
 
     def __init__(
         self,
@@ -41,7 +45,6 @@ class ImageClassifier(
         mean: list[float],
         std: list[float],
         model_args: dict | None = None,
-        input_size: list[int] | None = None,
     ):
         super().__init__()
         if num_classes != len(class_names):
