@@ -131,6 +131,8 @@ def check_saved_model(directory: Path) -> dict:
 
 def run_upload(run_dir: Path) -> dict[str, Path]:
     """Path in the repo -> local file, for a finished run folder; refuses an unfinished one."""
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; pass --run_dir the --output_dir of a training run")
     files = {
         WEIGHTS_NAME: run_dir / "best" / WEIGHTS_NAME,
         CONFIG_NAME: run_dir / "best" / CONFIG_NAME,
