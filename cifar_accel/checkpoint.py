@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cifar_accel.errors import UserError
-from cifar_accel.saved_model import write_json
+from cifar_accel.saved_model import on_cpu, write_json
 
 CHECKPOINTS_DIRECTORY = "checkpoints"
 PROGRESS_FILE = "progress.json"
@@ -119,8 +119,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temporary))  # each process adds its own RNG states
     if accelerator.is_main_process:
-        on_cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-        save_file(on_cpu, temporary / TENSORS_FILE)
+        save_file(on_cpu(tensors), temporary / TENSORS_FILE)
         write_json(temporary / PROGRESS_FILE, {"architecture": architecture, "progress": asdict(progress)})
         _replace_directory(temporary, final)
         if total_limit:

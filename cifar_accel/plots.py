@@ -2,11 +2,13 @@
 
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 
 def plot_training_curves(records: list[dict], path: str | Path) -> None:
     """Loss, accuracy and learning rate per epoch, from ``metrics.jsonl``'s records."""
+    # Imported here, by the main process at the end of a run: matplotlib adds about 0.6 s to every
+    # process's start-up otherwise.
+    from matplotlib.figure import Figure
+
     epochs = [record["epoch"] for record in records]
     split = records[0]["eval_split"]
     figure = Figure(figsize=(13, 3.8), layout="constrained")

@@ -62,12 +62,16 @@ def preprocessing(mean: list[float], std: list[float]) -> v2.Transform:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
+def on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies: what ``safetensors.save_file`` needs, from any device."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+
+
 def save_model(network: nn.Module, directory: str | Path, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     temporary = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(temporary), metadata={"format": "pt"})
+    save_file(on_cpu(network.state_dict()), str(temporary), metadata={"format": "pt"})
     os.replace(temporary, directory / WEIGHTS_NAME)
     write_json(directory / CONFIG_NAME, config)
 
