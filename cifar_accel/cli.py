@@ -170,6 +170,27 @@ def push_main(argv: list[str] | None = None) -> None:
     _run(push_command)
 
 
+def compare_main(argv: list[str] | None = None) -> None:
+    parser = OneLineErrorParser(prog="cifar-accel compare", description="Finished runs side by side.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (train --output_dir)")
+    parser.add_argument("--plot", default=None, metavar="PATH", help="also draw their evaluation curves to this PNG")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = _run(lambda: parser.parse_args(argv))
+
+    def compare_command() -> None:
+        from cifar_accel.compare import format_comparison, load_run_summary
+
+        runs = [load_run_summary(run_dir) for run_dir in args.run_dirs]
+        print(format_comparison(runs, markdown=args.markdown))
+        if args.plot:
+            from cifar_accel.plots import plot_run_comparison
+
+            plot_run_comparison({run.name: run.records for run in runs}, args.plot)
+            print(f"curves of {len(runs)} runs drawn to {args.plot}")
+
+    _run(compare_command)
+
+
 def models_main(argv: list[str] | None = None) -> None:
     from cifar_accel.models import list_models
 
@@ -190,7 +211,8 @@ def recipes_main(argv: list[str] | None = None) -> None:
 
 COMMANDS = {
     "train": (train_main, "train a model (same flags as train.py)"),
-    "evaluate": (evaluate_main, "evaluate a saved model; prints JSON with top1, top5, loss, n"),
+    "evaluate": (evaluate_main, "evaluate a saved model; prints JSON with top1, top3, top5, loss, n"),
+    "compare": (compare_main, "finished runs side by side: a table and, with --plot, their curves"),
     "predict": (predict_main, "classify image files with a saved model (local folder or Hub repo)"),
     "push": (push_main, "publish a finished run to the Hugging Face Hub (same as push_model.py)"),
     "models": (models_main, "list the model names"),

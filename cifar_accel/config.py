@@ -18,6 +18,7 @@ DATA_LOADERS = ("torch", "device")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 
 
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -84,6 +85,10 @@ class TrainConfig:
     checkpointing_steps: str | None = _option(None, "save a resumable checkpoint every N steps, or every 'epoch'")
     checkpoints_total_limit: int | None = _option(None, "keep only the newest K checkpoints")
     resume_from_checkpoint: str | None = _option(None, "'latest' or a checkpoint folder: continue that run exactly")
+    report_to: str = _option(
+        "none", "also log every epoch to experiment trackers (tensorboard: OUTPUT_DIR/logs); all: those installed",
+        REPORT_TO,
+    )  # fmt: skip
     # Hub (the token comes from HF_TOKEN or `hf auth login`, never from a flag that would be saved)
     push_to_hub: bool = _option(False, "at the end, push the best model, its card and the run's records to the Hub")
     hub_model_id: str | None = _option(None, "USER/NAME of the Hub model repo for --push_to_hub")
@@ -129,11 +134,16 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("scheduler", SCHEDULERS),
             ("data_loader", DATA_LOADERS),
+            ("report_to", REPORT_TO),
         ):
             if getattr(self, option_name) not in choices:
                 raise UserError(
                     f"unknown --{option_name} {getattr(self, option_name)!r}; choose one of: {', '.join(choices)}"
                 )
+        if self.report_to != "none":
+            from cifar_accel.reporting import tracker_names
+
+            tracker_names(self.report_to)  # a missing package is refused before anything runs
 
     @property
     def checkpoint_every_steps(self) -> int | None:

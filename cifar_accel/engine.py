@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import platform
+import resource
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,8 +42,17 @@ from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.hub import push_run
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
-from cifar_accel.reporting import RunFolder, format_epoch_line, refuse_existing_run
+from cifar_accel.reporting import (
+    RunFolder,
+    format_epoch_line,
+    numeric_values,
+    refuse_existing_run,
+    tracker_config,
+    tracker_folder,
+    tracker_names,
+)
 from cifar_accel.saved_model import model_config, save_model
+from cifar_accel.scoring import score_predictions
 from cifar_accel.tricks import Lookahead, tta_logits
 
 
@@ -56,8 +66,11 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     """
     launched_with_several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.cpu or (launched_with_several_processes and not torch.cuda.is_available())
+    trackers = tracker_names(config.report_to)
     accelerator = Accelerator(
         cpu=use_cpu,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(logging_dir=tracker_folder(config.output_dir)),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         dynamo_backend="inductor" if config.compile else None,
@@ -76,34 +89,37 @@ def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0, per_class: bool = False) -> dict:
-    """Loss, top-1 and top-5 over every example of ``loader`` exactly once, on all processes.
+def evaluate(
+    model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0, keep_predictions: bool = False
+) -> dict:
+    """Loss, top-1, top-3 and top-5 over every example of ``loader`` exactly once, on all processes.
 
-    ``per_class`` adds each class's top-1 and the confusion matrix (rows: true class, columns: predicted).
+    ``keep_predictions`` adds ``labels`` and ``ranked_predictions`` (the five most likely class ids
+    per example, best first), gathered from all processes, for ``scoring.score_predictions``.
     """
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-5 sums
-    confusion = None
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-3, top-5 sums
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     count = 0
     for images, labels in loader:
         logits = tta_logits(model, images, tta_level).float()
         losses = F.cross_entropy(logits, labels, reduction="none")
-        top_k = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top_k == labels[:, None]
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = ranked == labels[:, None]
         # gather_for_metrics drops the duplicates that pad the last batch across processes.
-        extra = (labels, top_k[:, 0]) if per_class else ()
-        losses, top1, top5, *extra = accelerator.gather_for_metrics((losses, hits[:, 0], hits.any(dim=1), *extra))
-        totals += torch.stack([losses.sum(), top1.sum(), top5.sum()]).double()
+        extra = (labels, ranked) if keep_predictions else ()
+        losses, top1, top3, top5, *extra = accelerator.gather_for_metrics(
+            (losses, hits[:, 0], hits[:, :3].any(dim=1), hits.any(dim=1), *extra)
+        )
+        totals += torch.stack([losses.sum(), top1.sum(), top3.sum(), top5.sum()]).double()
         count += len(losses)
-        if per_class:
-            (labels, predicted), classes = extra, logits.shape[1]
-            pairs = torch.bincount(labels * classes + predicted, minlength=classes * classes).view(classes, classes)
-            confusion = pairs if confusion is None else confusion + pairs
-    loss, top1, top5 = (totals / max(count, 1)).tolist()
-    metrics = {"loss": loss, "top1": top1, "top5": top5, "n": count}
-    if per_class and confusion is not None:
-        metrics["per_class_top1"] = (confusion.diagonal().double() / confusion.sum(dim=1).clamp(min=1)).tolist()
-        metrics["confusion_matrix"] = confusion.tolist()
+        if keep_predictions:
+            kept.append(tuple(extra))
+    loss, top1, top3, top5 = (totals / max(count, 1)).tolist()
+    metrics = {"loss": loss, "top1": top1, "top3": top3, "top5": top5, "n": count}
+    if keep_predictions:
+        metrics["labels"] = torch.cat([labels for labels, _ in kept]).cpu()
+        metrics["ranked_predictions"] = torch.cat([ranked for _, ranked in kept]).cpu()
     return metrics
 
 
@@ -149,6 +165,56 @@ class NonFiniteLossWatch:
                 f"{step % steps_per_epoch + 1}; the last checkpoint is kept; lower --learning_rate, "
                 "or use --mixed_precision no"
             )
+
+
+class DataWaitClock:
+    """Host seconds the loop stood waiting for its next training batch; the rest of an epoch is compute.
+
+    On a GPU the host runs ahead of the device, so "compute" also holds the waits at host syncs.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, batches):
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            batch = next(iterator, None)
+            self.seconds += time.perf_counter() - asked
+            if batch is None:
+                return
+            yield batch
+
+
+def peak_memory_megabytes(accelerator: Accelerator) -> dict:
+    """The largest peak over processes: resident host memory of the training process (DataLoader
+    workers not included) and tensor memory allocated on the GPU (None without one)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    on_gpu = accelerator.device.type == "cuda"
+    device = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if on_gpu else 0.0
+    peaks = accelerator.gather(torch.tensor([[host, device]], dtype=torch.float64, device=accelerator.device))
+    host, device = peaks.amax(dim=0).tolist()
+    return {"peak_host_memory_mb": round(host, 1), "peak_device_memory_mb": round(device, 1) if on_gpu else None}
+
+
+def timing_summary(records: list[dict], start_time: float, data_ready_time: float, trained_time: float) -> dict:
+    """``results.json``'s timing: the run, its phases summed over epochs, and each epoch's seconds.
+
+    ``speed_run_seconds`` runs from data loaded to the last evaluation (TTA included), as speed records count.
+    """
+    train_seconds = sum(record["train_seconds"] for record in records)
+    return {
+        "total_seconds": time.perf_counter() - start_time,
+        "data_loading_seconds": data_ready_time - start_time,
+        "speed_run_seconds": trained_time - data_ready_time,
+        "epoch_seconds": [record["seconds"] for record in records],
+        "train_seconds": train_seconds,
+        "data_wait_seconds": sum(record["data_wait_seconds"] for record in records),
+        "compute_seconds": sum(record["compute_seconds"] for record in records),
+        "eval_seconds": sum(record["eval_seconds"] for record in records),
+        "images_per_second": sum(record["train_examples"] for record in records) / train_seconds,
+    }
 
 
 def environment() -> dict:
@@ -270,6 +336,10 @@ def train(config: TrainConfig) -> dict:
     if run_folder:
         run_folder.save_config(resolved)
         run_folder.save_metrics(progress.records)  # a resumed run drops epochs logged after its checkpoint
+    run_name = Path(config.output_dir).resolve().name
+    accelerator.init_trackers(
+        "cifar_accel", tracker_config(resolved), {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}}
+    )
     accelerator.print(
         f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters | "
         f"{len(data.train)} train / {len(data.evaluation)} {data.selection_split} examples, "
@@ -302,7 +372,10 @@ def train(config: TrainConfig) -> dict:
                 batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
             else:
                 progress.epoch_learning_rate = scheduler.get_last_lr()[0]
-            steps = train_steps(model, batches, optimizer, scheduler, criterion, accelerator, epoch_totals, lookahead)
+            data_wait = DataWaitClock()
+            steps = train_steps(
+                model, data_wait.timed(batches), optimizer, scheduler, criterion, accelerator, epoch_totals, lookahead
+            )
             for loss in steps:
                 progress.step_in_epoch += 1
                 progress.global_step += 1
@@ -329,7 +402,9 @@ def train(config: TrainConfig) -> dict:
                 lookahead.finish()  # the last epoch is evaluated and saved as the average
             train_seconds = time.perf_counter() - epoch_start
             loss_sum, correct, examples = accelerator.reduce(epoch_totals, reduction="sum").tolist()
+            eval_start = time.perf_counter()
             eval_stats = evaluate(model, eval_loader, accelerator)
+            epoch_end = time.perf_counter()
             record = {
                 "epoch": epoch,
                 "train_loss": loss_sum / examples,
@@ -338,10 +413,15 @@ def train(config: TrainConfig) -> dict:
                 "eval_split": data.selection_split,
                 **{f"eval_{name}": value for name, value in eval_stats.items()},
                 "lr": progress.epoch_learning_rate,
-                "seconds": time.perf_counter() - epoch_start,
+                "seconds": epoch_end - epoch_start,
+                "train_seconds": train_seconds,
+                "data_wait_seconds": data_wait.seconds,
+                "compute_seconds": train_seconds - data_wait.seconds,
+                "eval_seconds": epoch_end - eval_start,
                 "images_per_second": examples / train_seconds,
             }
             progress.records.append(record)
+            accelerator.log(numeric_values(record), step=epoch)
             if record["eval_top1"] > progress.best["eval_top1"]:
                 progress.best = record
                 best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
@@ -372,22 +452,28 @@ def train(config: TrainConfig) -> dict:
         tta_loader = eval_loader if data.test is None else accelerator.prepare(loader(data.test))
         results["tta_metrics"] = evaluate(model, tta_loader, accelerator, config.tta_level)
     results["tta_level"] = config.tta_level
-    # evaluate() ends in a host sync, so the device has finished by now.
-    results["train_seconds"] = time.perf_counter() - data_ready_time
+    trained_time = time.perf_counter()  # evaluate() ends in a host sync: the device has finished
     # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader
     # (the device loader normalises with a fused multiply-add, equal only to the last bits), without TTA.
     final_loader = make_dataloader(final_data, data, False, config.eval_batch_size, config.num_workers)
-    final = evaluate(model, accelerator.prepare(final_loader), accelerator, per_class=True)
-    final["per_class_top1"] = dict(zip(data.class_names, final["per_class_top1"], strict=True))
-    results["final_metrics"] = {"split": final_split, **final}
-    results["total_seconds"] = time.perf_counter() - start_time
+    final = evaluate(model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
+    scores = score_predictions(final.pop("ranked_predictions"), final.pop("labels"), data.class_names)
+    disagreeing = [name for name in ("top1", "top3", "top5") if scores[name] != final[name]]
+    if disagreeing:  # two independent countings of the same predictions; never expected
+        raise RuntimeError(f"the evaluate metric and the loop disagree on {disagreeing}: {scores} vs {final}")
+    results["final_metrics"] = {"split": final_split, "loss": final["loss"], "n": final["n"], **scores}
+    accelerator.log({f"final_{name}": scores[name] for name in ("top1", "top3", "top5")}, step=config.epochs)
+    results["timing"] = {
+        **timing_summary(progress.records, start_time, data_ready_time, trained_time),
+        **peak_memory_megabytes(accelerator),
+    }
     if run_folder:
         run_folder.save_results(results)
-        run_folder.save_reports(progress.records, config.hub_model_id if config.push_to_hub else None)
+        run_folder.save_reports(progress.records, results, config.hub_model_id if config.push_to_hub else None)
         accelerator.print(
             f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; "
             f"{final_split} top1 {final['top1']:.2%}; saved to {run_folder.best_model_dir} "
-            f"({results['total_seconds']:.0f}s)"
+            f"({results['timing']['total_seconds']:.0f}s)"
         )
     accelerator.end_training()
     if config.push_to_hub and accelerator.is_main_process:

@@ -26,7 +26,7 @@ from cifar_accel.models import get_model
 from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
 
 # Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
-RUN_FILES_PUBLISHED = ("train_config.json", "metrics.jsonl", "results.json")
+RUN_FILES_PUBLISHED = ("train_config.json", "metrics.jsonl", "summary.csv", "results.json")
 
 
 def looks_like_local_path(name: str) -> bool:

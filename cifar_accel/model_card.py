@@ -60,6 +60,7 @@ def _results_section(results: dict, dataset_name: str) -> str:
     final = results["final_metrics"]
     rows = [
         f"| top-1 accuracy | {_percent(final['top1'])} |",
+        f"| top-3 accuracy | {_percent(final['top3'])} |",
         f"| top-5 accuracy | {_percent(final['top5'])} |",
         f"| loss | {final['loss']:.4f} |",
     ]
@@ -90,7 +91,7 @@ def _training_section(settings: dict, results: dict) -> str:
     selection_note = ""
     if results["selected_by"] == results["final_metrics"]["split"]:
         selection_note = " (no validation hold-out: the results above are of the epoch that split chose)"
-    environment = settings["environment"]
+    environment, timing = settings["environment"], results["timing"]
     versions = ", ".join(f"{name} {environment[name]}" for name in ("cifar_accel", "torch", "accelerate", "datasets"))
     return f"""## Training
 
@@ -101,8 +102,9 @@ The best epoch ({results["best_epoch"]}) was chosen on the `{results["selected_b
 |---|---|
 {rows}
 
-Hardware and time: {settings["num_processes"]} process(es) on {environment["device"]}, {results["total_seconds"]:.0f} s
-in all ({results["train_seconds"]:.0f} s from data loaded to the last evaluation); {versions}.
+Hardware and time: {settings["num_processes"]} process(es) on {environment["device"]}, {timing["total_seconds"]:.0f} s
+in all ({timing["speed_run_seconds"]:.0f} s from data loaded to the last evaluation, {timing["images_per_second"]:,.0f}
+training images/s); {versions}.
 """
 
 
@@ -145,13 +147,16 @@ def build_model_card(
             )
         ],
     )
-    curves = run_dir / "plots" / "curves.png"
-    figure = f"## Training curves\n\n![Training curves]({plots_folder}/curves.png)\n\n" if curves.is_file() else ""
+    figures = [
+        f"## {title}\n\n![{title}]({plots_folder}/{name})\n\n"
+        for title, name in (("Training curves", "curves.png"), ("Confusion matrix", "confusion_matrix.png"))
+        if (run_dir / "plots" / name).is_file()
+    ]
     body = (
         f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "
         f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {final['n']:,} images of its "
         f"`{final['split']}` split.\n\n"
-        f"{_results_section(results, dataset_name)}\n{figure}{_training_section(settings, results)}\n"
+        f"{_results_section(results, dataset_name)}\n{''.join(figures)}{_training_section(settings, results)}\n"
         f"{_usage(repo_id or str(run_dir / 'best'))}"
     )
     return _card(card_data, body)

@@ -26,6 +26,64 @@ def plot_training_curves(records: list[dict], path: str | Path) -> None:
         axes.xaxis.get_major_locator().set_params(integer=True)
     loss_axes.legend()
     accuracy_axes.legend()
+    _save(figure, path)
+
+
+def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], split: str, path: str | Path) -> None:
+    """Counts and row-normalised rates side by side (rows: true class, columns: predicted class).
+
+    Cells are annotated up to 20 classes; beyond that (CIFAR-100) the colours alone stay readable.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(confusion, dtype=np.int64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    classes = len(class_names)
+    side = max(6.0, 0.45 * classes)
+    figure = Figure(figsize=(2 * side + 1.5, side), layout="constrained")
+    panels = (
+        (counts, f"Confusion matrix on {split} ({counts.sum():,} images): counts", "d"),
+        (rates, "Row-normalised: share of each true class", ".0%"),
+    )
+    for axes, (values, title, cell_format) in zip(figure.subplots(1, 2), panels, strict=True):
+        image = axes.imshow(values, cmap="Blues", vmin=0)
+        figure.colorbar(image, ax=axes, shrink=0.8, format="{x:.0%}" if cell_format == ".0%" else None)
+        axes.set(title=title, xlabel="predicted class", ylabel="true class")
+        if classes <= 20:
+            axes.set_xticks(range(classes), class_names, rotation=45, ha="right")
+            axes.set_yticks(range(classes), class_names)
+            threshold = values.max() / 2
+            for row in range(classes):
+                for column in range(classes):
+                    value = values[row, column]
+                    axes.text(column, row, format(value, cell_format), ha="center", va="center", fontsize=8,
+                              color="white" if value > threshold else "black")  # fmt: skip
+    _save(figure, path)
+
+
+def plot_run_comparison(runs: dict[str, list[dict]], path: str | Path) -> None:
+    """Evaluation top-1 and loss per epoch of several runs (name -> ``metrics.jsonl`` records), one line each."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 4.2), layout="constrained")
+    accuracy_axes, loss_axes = figure.subplots(1, 2)
+    for name, records in runs.items():
+        epochs = [record["epoch"] for record in records]
+        accuracy_axes.plot(epochs, [100 * record["eval_top1"] for record in records], marker="o", label=name)
+        loss_axes.plot(epochs, [record["eval_loss"] for record in records], marker="o", label=name)
+    splits = sorted({record["eval_split"] for records in runs.values() for record in records})
+    accuracy_axes.set(title=f"Top-1 on {'/'.join(splits)}", xlabel="epoch", ylabel="accuracy (%)")
+    loss_axes.set(title=f"Loss on {'/'.join(splits)}", xlabel="epoch", ylabel="cross-entropy")
+    for axes in (accuracy_axes, loss_axes):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    accuracy_axes.legend(fontsize=8)
+    _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> None:
+    """Through a temporary sibling and a rename, as every run file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.png")

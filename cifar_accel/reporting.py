@@ -1,5 +1,7 @@
-"""What a run tells its user: the per-epoch log line and the run folder's metric files."""
+"""What a run tells its user: the per-epoch log line, the run folder's files, and the trackers."""
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -7,7 +9,7 @@ from pathlib import Path
 from cifar_accel.errors import UserError
 from cifar_accel.hub import default_dataset_id
 from cifar_accel.model_card import build_model_card
-from cifar_accel.plots import plot_training_curves
+from cifar_accel.plots import plot_confusion_matrix, plot_training_curves
 from cifar_accel.saved_model import write_json, write_text
 
 
@@ -21,7 +23,44 @@ def format_epoch_line(record: dict, epochs: int) -> str:
     )
 
 
-RUN_FILES = ("train_config.json", "metrics.jsonl", "results.json", "plots", "best", "checkpoints")
+RUN_FILES = (
+    "train_config.json", "metrics.jsonl", "summary.csv", "results.json", "plots", "best", "logs", "checkpoints"
+)  # fmt: skip
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def tracker_names(report_to: str) -> list[str]:
+    """The Accelerate trackers for ``--report_to``: one of TRACKERS, ``all`` (those installed) or ``none``."""
+    if report_to == "none":
+        return []
+    from accelerate.tracking import get_available_trackers
+
+    installed = [name for name in TRACKERS if name in {str(tracker) for tracker in get_available_trackers()}]
+    if report_to == "all":
+        if not installed:
+            raise UserError(f"--report_to all found none of {', '.join(TRACKERS)} installed; pip install tensorboard")
+        return installed
+    if report_to not in installed:
+        raise UserError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}")
+    return [report_to]
+
+
+def tracker_folder(output_dir: str | Path) -> Path:
+    """Where trackers that write files keep them: tensorboard writes to ``logs/cifar_accel``."""
+    return Path(output_dir) / "logs"
+
+
+def tracker_config(resolved: dict) -> dict:
+    """``train_config.json`` flattened to the scalars every tracker accepts (lists, dicts and None as JSON)."""
+    return {
+        name: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+        for name, value in resolved.items()
+    }
+
+
+def numeric_values(record: dict) -> dict:
+    """An epoch record without its text fields, for ``accelerator.log``."""
+    return {name: value for name, value in record.items() if isinstance(value, (int, float)) and name != "epoch"}
 
 
 def refuse_existing_run(output_dir: str | Path) -> None:
@@ -56,15 +95,27 @@ class RunFolder:
         write_json(self.path / "train_config.json", resolved)
 
     def save_metrics(self, records: list[dict]) -> None:
-        """All epochs so far: rewriting the whole (small) file keeps it whole after a crash or a resume."""
+        """All epochs so far, as JSON lines and as a spreadsheet-friendly CSV. Rewriting the whole (small)
+        files keeps them whole after a crash or a resume."""
         write_text(self.path / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+        table = io.StringIO()
+        if records:
+            writer = csv.DictWriter(table, fieldnames=list(records[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+        write_text(self.path / "summary.csv", table.getvalue())
 
     def save_results(self, results: dict) -> None:
         write_json(self.path / "results.json", results)
 
-    def save_reports(self, records: list[dict], repo_id: str | None = None) -> None:
+    def save_reports(self, records: list[dict], results: dict, repo_id: str | None = None) -> None:
         """The figures, then the best model's card (it shows them); ``repo_id`` goes in its usage snippet."""
         plot_training_curves(records, self.path / "plots" / "curves.png")
+        final = results["final_metrics"]
+        plot_confusion_matrix(
+            final["confusion_matrix"], list(final["per_class_top1"]), final["split"],
+            self.path / "plots" / "confusion_matrix.png",
+        )  # fmt: skip
         card = build_model_card(self.path, repo_id, default_dataset_id(self.path), plots_folder="../plots")
         write_text(self.best_model_dir / "README.md", str(card))
 

@@ -1,6 +1,7 @@
 """Every bad input the README lists: one line on stderr naming the value and what is valid,
 exit status 2, no traceback, and nothing written or changed on disk."""
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -99,6 +100,18 @@ def test_unreachable_hub(workspace):
     closed_port = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
     command = [sys.executable, "train.py", "--dataset", "someone/cifar", "--output_dir", str(workspace / "new")]
     _check_refused(workspace, command, "cannot reach the Hugging Face Hub to load 'someone/cifar'", closed_port)
+
+
+def test_tracker_that_is_not_installed(workspace, colour_dataset):
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    command = [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(workspace / "new")]
+    _check_refused(workspace, [*command, "--report_to", "wandb"], "--report_to wandb needs the wandb package")
+
+
+def test_compare_something_that_is_not_a_run(workspace):
+    command = cifar_accel_command("compare", str(workspace / "run"), str(workspace / "truncated"))
+    _check_refused(workspace, command, f"{workspace}/truncated is not a finished run folder (missing train_config")
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,8 @@ from cifar_accel.hub import push_run
 
 ALICE = "hf_alice_0123456789secret"  # distinctive, so a leak anywhere is found by a substring search
 BOB = "hf_bob_0123456789secret"
-PUBLISHED = {"README.md", "model.safetensors", "config.json", "train_config.json", "metrics.jsonl", "results.json",
-             "plots/curves.png"}  # fmt: skip
+PUBLISHED = {"README.md", "model.safetensors", "config.json", "train_config.json", "metrics.jsonl", "summary.csv",
+             "results.json", "plots/curves.png", "plots/confusion_matrix.png"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

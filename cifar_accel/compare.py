@@ -1,0 +1,74 @@
+"""``cifar-accel compare``: finished runs side by side, as one table and one plot of their curves."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cifar_accel.errors import UserError
+
+HEADER = ("run", "model", "recipe", "chosen on", "epochs", "best top-1", "top-5", "seconds", "images/s")
+
+
+@dataclass
+class RunSummary:
+    name: str
+    model: str
+    recipe: str
+    epochs: int
+    selected_by: str
+    best_top1: float
+    best_top5: float
+    seconds: float  # from data loaded to the last evaluation
+    images_per_second: float  # training images over the training phases of all epochs
+    records: list[dict]  # metrics.jsonl
+
+
+def load_run_summary(run_dir: str | Path) -> RunSummary:
+    """What the table shows of one run folder; a one-line error if it is not a finished run."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / name for name in ("train_config.json", "results.json", "metrics.jsonl")]
+    missing = [path.name for path in paths if not path.is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run folder (missing {', '.join(missing)})")
+    try:
+        settings, results = (json.loads(path.read_text()) for path in paths[:2])
+        records = [json.loads(line) for line in paths[2].read_text().splitlines() if line.strip()]
+        best = results["best_metrics"]
+        # Runs written before results.json had a "timing" block kept this figure at the top level.
+        seconds = results["timing"]["speed_run_seconds"] if "timing" in results else results["train_seconds"]
+        train_seconds = sum(record["train_examples"] / record["images_per_second"] for record in records)
+        return RunSummary(
+            name=str(run_dir),
+            model=settings["model"],
+            recipe=settings.get("recipe") or "-",
+            epochs=settings["epochs"],
+            selected_by=results["selected_by"],
+            best_top1=best["eval_top1"],
+            best_top5=best["eval_top5"],
+            seconds=seconds,
+            images_per_second=sum(record["train_examples"] for record in records) / train_seconds,
+            records=records,
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as error:
+        raise UserError(f"cannot read the run in {run_dir} ({error.__class__.__name__}: {error})") from None
+
+
+def format_comparison(runs: list[RunSummary], markdown: bool = False) -> str:
+    """An aligned text table, or a Markdown one to paste into a document."""
+    rows = [HEADER] + [
+        (
+            run.name, run.model, run.recipe, run.selected_by, str(run.epochs), f"{run.best_top1:.2%}",
+            f"{run.best_top5:.2%}", f"{run.seconds:,.0f}", f"{run.images_per_second:,.0f}",
+        )  # fmt: skip
+        for run in runs
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join([lines[0], "|" + "---|" * len(HEADER), *lines[1:]])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
+    text_columns = 4  # run, model, recipe, split: left-aligned; the numbers right-aligned
+    return "\n".join(
+        "  ".join(cell.ljust(width) if column < text_columns else cell.rjust(width)
+                  for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()  # fmt: skip
+        for row in rows
+    )
