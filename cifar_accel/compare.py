@@ -57,8 +57,15 @@ def format_comparison(runs: list[RunSummary], markdown: bool = False) -> str:
     """An aligned text table, or a Markdown one to paste into a document."""
     rows = [HEADER] + [
         (
-            run.name, run.model, run.recipe, run.selected_by, str(run.epochs), f"{run.best_top1:.2%}",
-            f"{run.best_top5:.2%}", f"{run.seconds:,.0f}", f"{run.images_per_second:,.0f}",
+            run.name,
+            run.model,
+            run.recipe,
+            run.selected_by,
+            str(run.epochs),
+            f"{run.best_top1:.2%}",
+            f"{run.best_top5:.2%}",
+            f"{run.seconds:,.0f}",
+            f"{run.images_per_second:,.0f}",
         )  # fmt: skip
         for run in runs
     ]
@@ -68,7 +75,9 @@ def format_comparison(runs: list[RunSummary], markdown: bool = False) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
     text_columns = 4  # run, model, recipe, split: left-aligned; the numbers right-aligned
     return "\n".join(
-        "  ".join(cell.ljust(width) if column < text_columns else cell.rjust(width)
-                  for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip()  # fmt: skip
+        "  ".join(
+            cell.ljust(width) if column < text_columns else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()  # fmt: skip
         for row in rows
     )

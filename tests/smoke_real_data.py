@@ -36,7 +36,8 @@ def main() -> None:
         results = json.loads(Path(output_dir, "results.json").read_text())
     top1 = results["best_metrics"]["eval_top1"]
     verdict = "passed" if top1 >= FLOOR_TOP1 else "FAILED"
-    print(f"smoke {verdict}: eval top-1 {top1:.2%} (floor {FLOOR_TOP1:.0%}) in {results['timing']['total_seconds']:.0f}s")
+    seconds = results["timing"]["total_seconds"]
+    print(f"smoke {verdict}: eval top-1 {top1:.2%} (floor {FLOOR_TOP1:.0%}) in {seconds:.0f}s")
     if top1 < FLOOR_TOP1:
         raise SystemExit(1)
 
