@@ -52,7 +52,7 @@ from cifar_accel.reporting import (
     tracker_names,
 )
 from cifar_accel.saved_model import model_config, save_model
-from cifar_accel.scoring import score_predictions
+from cifar_accel.scoring import TOP_K_NAMES, score_predictions
 from cifar_accel.tricks import Lookahead, tta_logits
 
 
@@ -458,11 +458,11 @@ def train(config: TrainConfig) -> dict:
     final_loader = make_dataloader(final_data, data, False, config.eval_batch_size, config.num_workers)
     final = evaluate(model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
     scores = score_predictions(final.pop("ranked_predictions"), final.pop("labels"), data.class_names)
-    disagreeing = [name for name in ("top1", "top3", "top5") if scores[name] != final[name]]
+    disagreeing = [name for name in TOP_K_NAMES if scores[name] != final[name]]
     if disagreeing:  # two independent countings of the same predictions; never expected
         raise RuntimeError(f"the evaluate metric and the loop disagree on {disagreeing}: {scores} vs {final}")
     results["final_metrics"] = {"split": final_split, "loss": final["loss"], "n": final["n"], **scores}
-    accelerator.log({f"final_{name}": scores[name] for name in ("top1", "top3", "top5")}, step=config.epochs)
+    accelerator.log({f"final_{name}": scores[name] for name in TOP_K_NAMES}, step=config.epochs)
     results["timing"] = {
         **timing_summary(progress.records, start_time, data_ready_time, trained_time),
         **peak_memory_megabytes(accelerator),

@@ -32,7 +32,7 @@ def plot_training_curves(records: list[dict], path: str | Path) -> None:
 def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], split: str, path: str | Path) -> None:
     """Counts and row-normalised rates side by side (rows: true class, columns: predicted class).
 
-    Cells are annotated up to 20 classes; beyond that (CIFAR-100) the colours alone stay readable.
+    Cells and axes are labelled up to 20 classes; beyond that (CIFAR-100) the axes show class indices.
     """
     import numpy as np
     from matplotlib.figure import Figure
@@ -40,7 +40,7 @@ def plot_confusion_matrix(confusion: list[list[int]], class_names: list[str], sp
     counts = np.asarray(confusion, dtype=np.int64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     classes = len(class_names)
-    side = max(6.0, 0.45 * classes)
+    side = min(max(6.0, 0.45 * classes), 12.0)  # 100 classes: 12-pixel cells, no labels
     figure = Figure(figsize=(2 * side + 1.5, side), layout="constrained")
     panels = (
         (counts, f"Confusion matrix on {split} ({counts.sum():,} images): counts", "d"),

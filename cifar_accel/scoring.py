@@ -6,6 +6,7 @@ import torch
 
 TOP_K_ACCURACY = Path(__file__).parent / "metrics" / "top_k_accuracy.py"
 REPORTED_K = (1, 3, 5)
+TOP_K_NAMES = tuple(f"top{k}" for k in REPORTED_K)  # the keys score_predictions returns for them
 
 
 def load_top_k_accuracy():
