@@ -180,12 +180,17 @@ def compare_main(argv: list[str] | None = None) -> None:
     def compare_command() -> None:
         from cifar_accel.compare import format_comparison, load_run_summary
 
+        if args.plot and not args.plot.lower().endswith(".png"):
+            raise UserError(f"--plot {args.plot}: the figure is a PNG; give a path ending in .png")
         runs = [load_run_summary(run_dir) for run_dir in args.run_dirs]
         print(format_comparison(runs, markdown=args.markdown))
         if args.plot:
             from cifar_accel.plots import plot_run_comparison
 
-            plot_run_comparison({run.name: run.records for run in runs}, args.plot)
+            try:
+                plot_run_comparison({run.name: run.records for run in runs}, args.plot)
+            except OSError as error:
+                raise UserError(f"cannot write --plot {args.plot} ({error.strerror or error})") from None
             print(f"curves of {len(runs)} runs drawn to {args.plot}")
 
     _run(compare_command)

@@ -49,7 +49,7 @@ def load_run_summary(run_dir: str | Path) -> RunSummary:
             images_per_second=sum(record["train_examples"] for record in records) / train_seconds,
             records=records,
         )
-    except (json.JSONDecodeError, KeyError, TypeError, ZeroDivisionError) as error:
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as error:  # ValueError: bad JSON or bad bytes
         raise UserError(f"cannot read the run in {run_dir} ({error.__class__.__name__}: {error})") from None
 
 

@@ -198,22 +198,31 @@ def peak_memory_megabytes(accelerator: Accelerator) -> dict:
     return {"peak_host_memory_mb": round(host, 1), "peak_device_memory_mb": round(device, 1) if on_gpu else None}
 
 
-def timing_summary(records: list[dict], start_time: float, data_ready_time: float, trained_time: float) -> dict:
+def timing_summary(
+    records: list[dict], start_time: float, data_ready_time: float, trained_time: float, resumed: bool
+) -> dict:
     """``results.json``'s timing: the run, its phases summed over epochs, and each epoch's seconds.
 
     ``speed_run_seconds`` runs from data loaded to the last evaluation (TTA included), as speed records count.
+    After a resume, the epochs' figures cover every epoch; the first three only the last process.
     """
-    train_seconds = sum(record["train_seconds"] for record in records)
+
+    def total(name: str) -> float:  # records of a checkpoint written by an older version may lack a field
+        return sum(record.get(name, 0.0) for record in records)
+
+    train_seconds = total("train_seconds")
     return {
         "total_seconds": time.perf_counter() - start_time,
         "data_loading_seconds": data_ready_time - start_time,
         "speed_run_seconds": trained_time - data_ready_time,
         "epoch_seconds": [record["seconds"] for record in records],
         "train_seconds": train_seconds,
-        "data_wait_seconds": sum(record["data_wait_seconds"] for record in records),
-        "compute_seconds": sum(record["compute_seconds"] for record in records),
-        "eval_seconds": sum(record["eval_seconds"] for record in records),
-        "images_per_second": sum(record["train_examples"] for record in records) / train_seconds,
+        "data_wait_seconds": total("data_wait_seconds"),
+        "compute_seconds": total("compute_seconds"),
+        "eval_seconds": total("eval_seconds"),
+        # images timed = rate x time: an epoch resumed mid-way timed only the images after the resume
+        "images_per_second": sum(r["images_per_second"] * r.get("train_seconds", 0.0) for r in records) / train_seconds,
+        "resumed": resumed,
     }
 
 
@@ -311,10 +320,12 @@ def train(config: TrainConfig) -> dict:
     progress = TrainingProgress()
     epoch_totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, examples
     best_state: dict[str, torch.Tensor] = {}
+    examples_before_resume = 0.0  # trained in this epoch by the run that saved the checkpoint: not timed here
     if resume_from:
         progress, saved = load_checkpoint(accelerator, resume_from)
         if accelerator.is_main_process:  # the saved sums are over all processes: count them once
             epoch_totals += saved["epoch_totals"]
+        examples_before_resume = float(saved["epoch_totals"][2])
         best_state = without_prefix("best", saved)
         if lookahead is not None:
             lookahead.load_state_dict(without_prefix("lookahead", saved))
@@ -337,9 +348,10 @@ def train(config: TrainConfig) -> dict:
         run_folder.save_config(resolved)
         run_folder.save_metrics(progress.records)  # a resumed run drops epochs logged after its checkpoint
     run_name = Path(config.output_dir).resolve().name
-    accelerator.init_trackers(
-        "cifar_accel", tracker_config(resolved), {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}}
-    )
+    tracker_options = {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}}
+    if resume_from:  # TensorBoard drops what the interrupted run logged after its checkpoint, as metrics.jsonl does
+        tracker_options["tensorboard"] = {"purge_step": progress.epoch}
+    accelerator.init_trackers("cifar_accel", tracker_config(resolved), tracker_options)
     accelerator.print(
         f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters | "
         f"{len(data.train)} train / {len(data.evaluation)} {data.selection_split} examples, "
@@ -418,8 +430,9 @@ def train(config: TrainConfig) -> dict:
                 "data_wait_seconds": data_wait.seconds,
                 "compute_seconds": train_seconds - data_wait.seconds,
                 "eval_seconds": epoch_end - eval_start,
-                "images_per_second": examples / train_seconds,
+                "images_per_second": (examples - examples_before_resume) / train_seconds,
             }
+            examples_before_resume = 0.0
             progress.records.append(record)
             accelerator.log(numeric_values(record), step=epoch)
             if record["eval_top1"] > progress.best["eval_top1"]:
@@ -464,7 +477,7 @@ def train(config: TrainConfig) -> dict:
     results["final_metrics"] = {"split": final_split, "loss": final["loss"], "n": final["n"], **scores}
     accelerator.log({f"final_{name}": scores[name] for name in TOP_K_NAMES}, step=config.epochs)
     results["timing"] = {
-        **timing_summary(progress.records, start_time, data_ready_time, trained_time),
+        **timing_summary(progress.records, start_time, data_ready_time, trained_time, resumed=bool(resume_from)),
         **peak_memory_megabytes(accelerator),
     }
     if run_folder:

@@ -138,6 +138,12 @@ def run_upload(run_dir: Path) -> dict[str, Path]:
         CONFIG_NAME: run_dir / "best" / CONFIG_NAME,
         **{name: run_dir / name for name in RUN_FILES_PUBLISHED},
     }
+    results = files["results.json"]
+    if results.is_file() and "timing" not in json.loads(results.read_text()):
+        raise UserError(
+            f"{run_dir} was trained by an older cifar_accel (its results.json has no timing, the run no summary.csv"
+            " or confusion matrix); train it again to publish it"
+        )
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise UserError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train to the end first")

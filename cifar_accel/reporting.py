@@ -23,8 +23,9 @@ def format_epoch_line(record: dict, epochs: int) -> str:
     )
 
 
+TRACKER_FOLDER = "logs"
 RUN_FILES = (
-    "train_config.json", "metrics.jsonl", "summary.csv", "results.json", "plots", "best", "logs", "checkpoints"
+    "train_config.json", "metrics.jsonl", "summary.csv", "results.json", "plots", "best", TRACKER_FOLDER, "checkpoints"
 )  # fmt: skip
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
@@ -47,7 +48,7 @@ def tracker_names(report_to: str) -> list[str]:
 
 def tracker_folder(output_dir: str | Path) -> Path:
     """Where trackers that write files keep them: tensorboard writes to ``logs/cifar_accel``."""
-    return Path(output_dir) / "logs"
+    return Path(output_dir) / TRACKER_FOLDER
 
 
 def tracker_config(resolved: dict) -> dict:
@@ -99,8 +100,9 @@ class RunFolder:
         files keeps them whole after a crash or a resume."""
         write_text(self.path / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in records))
         table = io.StringIO()
-        if records:
-            writer = csv.DictWriter(table, fieldnames=list(records[0]), lineterminator="\n")
+        if records:  # every field of every record: a resumed run may continue one written by an older version
+            fields = list(dict.fromkeys(name for record in records for name in record))
+            writer = csv.DictWriter(table, fieldnames=fields, restval="", lineterminator="\n")
             writer.writeheader()
             writer.writerows(records)
         write_text(self.path / "summary.csv", table.getvalue())

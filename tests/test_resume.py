@@ -74,7 +74,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_an_uninterrupt
     reference_runs, colour_dataset, tmp_path, variant
 ):
     run_dir = tmp_path / "run"
-    command = train_command(colour_dataset, run_dir, variant)
+    command = train_command(colour_dataset, run_dir, variant, "--report_to", "tensorboard")
     process = start_and_wait_for(command, run_dir / "checkpoints" / "step_10", tmp_path / "killed.log")
     process.kill()  # SIGKILL: no chance to save anything more
     process.wait()
@@ -83,6 +83,17 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_an_uninterrupt
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert_same_training(reference_runs[variant][0], run_dir)
+    # The resumed epoch's speed counts only the images trained after the resume (8 steps of 32 per epoch).
+    epoch, step = map(int, re.search(r"resuming from .*: epoch (\d+), step (\d+)", result.stdout).groups())
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[epoch - 1])
+    assert record["images_per_second"] * record["train_seconds"] == pytest.approx((8 - step) * 32)
+    assert json.loads((run_dir / "results.json").read_text())["timing"]["resumed"] is True
+    # TensorBoard holds each epoch once: what the killed run logged after its checkpoint is purged.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "cifar_accel"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval_top1")] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
