@@ -34,9 +34,12 @@ def load_run_summary(run_dir: str | Path) -> RunSummary:
         settings, results = (json.loads(path.read_text()) for path in paths[:2])
         records = [json.loads(line) for line in paths[2].read_text().splitlines() if line.strip()]
         best = results["best_metrics"]
-        # Runs written before results.json had a "timing" block kept this figure at the top level.
-        seconds = results["timing"]["speed_run_seconds"] if "timing" in results else results["train_seconds"]
-        train_seconds = sum(record["train_examples"] / record["images_per_second"] for record in records)
+        if "timing" in results:
+            seconds, images_per_second = results["timing"]["speed_run_seconds"], results["timing"]["images_per_second"]
+        else:  # a run from before results.json had a "timing" block
+            train_seconds = sum(record["train_examples"] / record["images_per_second"] for record in records)
+            seconds = results["train_seconds"]
+            images_per_second = sum(record["train_examples"] for record in records) / train_seconds
         return RunSummary(
             name=str(run_dir),
             model=settings["model"],
@@ -46,7 +49,7 @@ def load_run_summary(run_dir: str | Path) -> RunSummary:
             best_top1=best["eval_top1"],
             best_top5=best["eval_top5"],
             seconds=seconds,
-            images_per_second=sum(record["train_examples"] for record in records) / train_seconds,
+            images_per_second=images_per_second,
             records=records,
         )
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as error:  # ValueError: bad JSON or bad bytes
