@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data
 from cifar_accel.device_data import make_device_dataloader
-from cifar_accel.engine import NonFiniteLossWatch, train_steps
+from cifar_accel.engine import DataWaitClock, NonFiniteLossWatch, train_steps
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 
@@ -72,11 +72,12 @@ def main() -> None:
             if name == "bare PyTorch loop":
                 bare_epoch(*bare, criterion)
             else:
-                # What train() does per step besides the step: non-finite watch, progress bar.
+                # What train() does per step besides the step: data-wait clock, non-finite watch, progress bar.
                 model, loader, optimizer, scheduler = ours
                 totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
                 watch = NonFiniteLossWatch(accelerator.device)
-                steps = train_steps(model, loader, optimizer, scheduler, criterion, accelerator, totals)
+                batches = DataWaitClock().timed(loader)
+                steps = train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals)
                 with tqdm(disable=True) as progress_bar:
                     for step, loss in enumerate(steps, start=1):
                         watch.observe(loss, step)
