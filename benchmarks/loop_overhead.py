@@ -2,7 +2,7 @@
 
 Both loops get the same batches from the device loader (so data loading is not what is measured),
 the same model, optimizer and schedule; they alternate round by round in this one process and the
-median of each is compared. Ours is ``cifar_accel.engine.train_steps`` on prepared objects.
+median of each is compared. Ours is ``cifar_accel.loop.train_steps`` on prepared objects.
 
     python benchmarks/loop_overhead.py --dataset ../shared/cifar10 [--quick]
 """
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data
 from cifar_accel.device_data import make_device_dataloader
-from cifar_accel.engine import DataWaitClock, NonFiniteLossWatch, train_steps
+from cifar_accel.loop import DataWaitClock, NonFiniteLossWatch, train_steps
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 

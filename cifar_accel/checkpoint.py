@@ -3,13 +3,17 @@
 A checkpoint is a folder ``OUTPUT_DIR/checkpoints/step_N`` (N: batches trained so far) holding
 what ``Accelerator.save_state`` writes (model, optimizer, scheduler, grad scaler, every process's
 RNG states) beside the run's own progress: the position inside the epoch, the epoch's running sums,
-the metrics so far and the best model's weights. It is written under a temporary name and renamed
-once complete, so a run killed while saving leaves the earlier checkpoints as they were.
+the metrics so far and the best model's weights, and the run's settings: a resume continues the
+same run, whatever flags it is given. It is written under a temporary name, finished with a
+manifest (every file's size and SHA-256) and renamed, so a run killed while saving leaves the
+earlier checkpoints as they were, and a checkpoint that lost or changed a file afterwards is
+refused instead of resuming inexactly.
 
 Nothing here unpickles arbitrary objects: weights are safetensors, progress is JSON, and
 Accelerate reads its own files with ``torch.load(weights_only=True)``.
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -26,13 +30,20 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cifar_accel.errors import UserError
-from cifar_accel.saved_model import on_cpu, write_json
+from cifar_accel.errors import StoppedBySignal, UserError
+from cifar_accel.files import as_os_error, write_json
+from cifar_accel.saved_model import on_cpu
 
 CHECKPOINTS_DIRECTORY = "checkpoints"
 PROGRESS_FILE = "progress.json"
 TENSORS_FILE = "progress.safetensors"
+MANIFEST_FILE = "manifest.json"
 PREFIX = "step_"
+# Settings a resumed run may change, because they do not change what is trained or measured.
+RESUME_MAY_CHANGE = (
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "num_workers", "report_to",
+    "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_private_repo",
+)  # fmt: skip
 
 
 @dataclass
@@ -48,18 +59,54 @@ class TrainingProgress:
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first."""
+    """The run's finished checkpoints (those with a manifest), oldest first."""
     root = Path(output_dir) / CHECKPOINTS_DIRECTORY
     folders = [
         folder
         for folder in root.glob(f"{PREFIX}*")
-        if folder.name.removeprefix(PREFIX).isdigit() and (folder / PROGRESS_FILE).is_file()
+        if folder.name.removeprefix(PREFIX).isdigit() and (folder / MANIFEST_FILE).is_file()
     ]
     return sorted(folders, key=lambda folder: int(folder.name.removeprefix(PREFIX)))
 
 
-def find_checkpoint(value: str, output_dir: str | Path) -> Path:
-    """``--resume_from_checkpoint``: ``latest`` (the newest in ``output_dir``) or a checkpoint folder."""
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Written last: the name, size and SHA-256 of every file the checkpoint holds."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST_FILE)
+    entries = {str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)} for path in files}
+    write_json(folder / MANIFEST_FILE, {"files": entries})
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What makes a checkpoint unusable (a file missing, added, truncated or altered), or None."""
+    try:
+        expected = json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"it has no {MANIFEST_FILE} (written incompletely, or by an older cifar_accel)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its {MANIFEST_FILE} is unreadable ({error})"
+    present = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()} - {MANIFEST_FILE}
+    for name in sorted(set(expected) - present):
+        return f"{name} is missing"
+    for name in sorted(present - set(expected)):
+        return f"{name} was added after it was saved"
+    for name, entry in sorted(expected.items()):
+        path = folder / name
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            return f"{name} was changed after it was saved (its size or SHA-256 differs from {MANIFEST_FILE})"
+    return None
+
+
+def find_checkpoint(value: str, output_dir: str | Path, verify: bool = True) -> tuple[Path, list[str]]:
+    """``--resume_from_checkpoint``: ``latest`` (the newest complete one in ``output_dir``) or a folder.
+
+    With ``verify``, each candidate is checked against its manifest: ``latest`` falls back to an
+    older complete checkpoint (the notes say which were skipped and why), a named folder is refused.
+    """
     if value == "latest":
         folders = checkpoint_folders(output_dir)
         if not folders:
@@ -67,7 +114,13 @@ def find_checkpoint(value: str, output_dir: str | Path) -> Path:
                 f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIRECTORY}; "
                 "pass a checkpoint folder, or train with --checkpointing_steps N|epoch to make some"
             )
-        return folders[-1]
+        notes = []
+        for folder in reversed(folders if verify else folders[-1:]):
+            problem = manifest_problem(folder) if verify else None
+            if problem is None:
+                return folder, notes
+            notes.append(f"checkpoint {folder} is skipped: {problem}")
+        raise UserError(f"--resume_from_checkpoint latest: no complete checkpoint left; {notes[0]}")
     path = Path(value)
     if not (path / PROGRESS_FILE).is_file():
         problem = "does not exist" if not path.exists() else f"is not a checkpoint (no {PROGRESS_FILE})"
@@ -75,12 +128,52 @@ def find_checkpoint(value: str, output_dir: str | Path) -> Path:
             f"--resume_from_checkpoint {value!r} {problem}; pass 'latest' or a folder such as "
             f"{Path(output_dir) / CHECKPOINTS_DIRECTORY / (PREFIX + '100')}"
         )
-    return path
+    problem = manifest_problem(path) if verify else None
+    if problem:
+        raise UserError(f"cannot resume from {path}: {problem}")
+    return path, []
+
+
+def _saved_run(path: Path) -> dict:
+    try:
+        return json.loads((path / PROGRESS_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot resume from {path}: {PROGRESS_FILE} is unreadable ({error})") from None
+
+
+def resume_settings(requested: dict, default_output_dir: str) -> dict:
+    """The settings of the run a checkpoint belongs to, for ``--resume_from_checkpoint``.
+
+    ``requested`` holds the settings asked for (recipe and flags). Those that would change the
+    result must equal the saved ones: each difference is listed in one refusal.
+    """
+    output_dir = requested.get("output_dir")
+    checkpoint, _ = find_checkpoint(requested["resume_from_checkpoint"], output_dir or default_output_dir, verify=False)
+    saved = _saved_run(checkpoint).get("settings")
+    if saved is None:
+        raise UserError(f"cannot resume from {checkpoint}: it records no settings (written by an older cifar_accel)")
+    differences = [
+        f"--{name} {json.dumps(saved[name])} (asked: {json.dumps(value)})"
+        for name, value in requested.items()
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value
+    ]
+    if differences:
+        raise UserError(
+            f"checkpoint {checkpoint} continues a run trained with {'; '.join(differences)}; a resume restores "
+            "every setting, so drop these flags, or start a new run in another --output_dir"
+        )
+    changes = {name: value for name, value in requested.items() if name in RESUME_MAY_CHANGE}
+    return {
+        **saved,
+        **changes,
+        "output_dir": output_dir or str(checkpoint.parent.parent),
+        "overwrite_output_dir": False,
+    }
 
 
 def check_architecture(path: Path, architecture: dict) -> None:
     """Refuse a checkpoint of another network before anything is loaded or written."""
-    saved = json.loads((path / PROGRESS_FILE).read_text())["architecture"]
+    saved = _saved_run(path)["architecture"]
     for key, value in architecture.items():
         if saved.get(key) != value:
             raise UserError(
@@ -88,6 +181,16 @@ def check_architecture(path: Path, architecture: dict) -> None:
                 f"resume with --model {saved['model']} --model_args '{json.dumps(saved['model_args'])}', "
                 "or start a new run"
             )
+
+
+def check_process_count(path: Path, num_processes: int) -> None:
+    """A checkpoint's batches and RNG states belong to its number of processes."""
+    saved = _saved_run(path).get("num_processes", num_processes)
+    if saved != num_processes:
+        raise UserError(
+            f"checkpoint {path} was trained by {saved} process(es), not {num_processes}; "
+            f"resume with: {resume_command(path, saved)}"
+        )
 
 
 def _replace_directory(source: Path, target: Path) -> None:
@@ -107,24 +210,42 @@ def save_checkpoint(
     output_dir: str | Path,
     progress: TrainingProgress,
     tensors: dict[str, torch.Tensor],
-    architecture: dict,
+    run: dict,
     total_limit: int | None = None,
 ) -> Path:
-    """Save the full training state; every process must call this at the same step."""
+    """Save the full training state; every process must call this at the same step.
+
+    ``run`` (architecture, settings, number of processes) is what a resume restores and checks.
+    If saving fails (a full disk), the incomplete folder is removed and the earlier checkpoints stay.
+    """
     root = Path(output_dir) / CHECKPOINTS_DIRECTORY
     final = root / f"{PREFIX}{progress.global_step}"
     temporary = root / f".incomplete-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while saving
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))  # each process adds its own RNG states
-    if accelerator.is_main_process:
-        save_file(on_cpu(tensors), temporary / TENSORS_FILE)
-        write_json(temporary / PROGRESS_FILE, {"architecture": architecture, "progress": asdict(progress)})
-        _replace_directory(temporary, final)
-        if total_limit:
-            for old in checkpoint_folders(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    try:
+        accelerator.save_state(str(temporary))  # each process adds its own RNG states
+        accelerator.wait_for_everyone()  # ...before the manifest lists them
+        if accelerator.is_main_process:
+            save_file(on_cpu(tensors), temporary / TENSORS_FILE)
+            write_json(temporary / PROGRESS_FILE, {**run, "progress": asdict(progress)})
+            write_manifest(temporary)
+            _replace_directory(temporary, final)
+            if total_limit:
+                for old in checkpoint_folders(output_dir)[:-total_limit]:
+                    shutil.rmtree(old)
+    except Exception as error:
+        problem = as_os_error(error, temporary)  # before the removal frees the space that ran out
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if problem is error:
+            raise
+        raise problem from error
+    except BaseException:  # interrupted: no half-written checkpoint stays behind
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -137,8 +258,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[TrainingProgr
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot resume from {path}: {first_line}") from None
-    saved = json.loads((path / PROGRESS_FILE).read_text())
-    return TrainingProgress(**saved["progress"]), tensors
+    return TrainingProgress(**_saved_run(path)["progress"]), tensors
 
 
 def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -151,30 +271,39 @@ def without_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def resume_command(checkpoint: Path, num_processes: int, argv: list[str] | None = None) -> str:
-    """The command line that continues this run from ``checkpoint``."""
+    """The command line that continues this run: the checkpoint restores every setting, so only the
+    launch is repeated (``accelerate launch`` with the number of processes the run had)."""
     argv = list(sys.argv if argv is None else argv)
-    dropped = ("--resume_from_checkpoint=", "--overwrite_output_dir", "--no-overwrite_output_dir")
-    arguments, skip_value = [], False
-    for argument in argv[1:]:
-        if skip_value:
-            skip_value = False
-        elif argument == "--resume_from_checkpoint":
-            skip_value = True
-        elif not argument.startswith(dropped):
-            arguments.append(argument)
     if Path(argv[0]).name == "cifar-accel":
-        program = ["cifar-accel"]
-    elif "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch` for the processes it starts
-        processes = ["--multi_gpu", "--num_processes", str(num_processes)] if num_processes > 1 else []
-        program = ["accelerate", "launch", *processes, argv[0]]
+        program = ["cifar-accel", "train"]
+    elif num_processes > 1 or "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch`
+        program = ["accelerate", "launch", *_launch_flags(num_processes), argv[0]]
     else:
         program = ["python", argv[0]]
-    return shlex.join([*program, *arguments, "--resume_from_checkpoint", str(checkpoint)])
+    return shlex.join([*program, "--resume_from_checkpoint", str(checkpoint)])
+
+
+def _launch_flags(num_processes: int) -> list[str]:
+    """``accelerate launch`` flags for this many processes; across machines, this machine's share."""
+    if num_processes == 1:
+        return []
+    flags = ["--multi_gpu", "--num_processes", str(num_processes)]
+    machines = num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    if machines > 1:
+        flags += [
+            "--num_machines", str(machines), "--machine_rank", os.environ.get("GROUP_RANK", "0"),
+            "--main_process_ip", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            "--main_process_port", os.environ.get("MASTER_PORT", "29500"),
+        ]  # fmt: skip
+    return flags
 
 
 class StopRequest:
-    """SIGINT and SIGTERM ask the run to stop after the current step, save and exit 128 + signal.
+    """SIGINT and SIGTERM stop the run in a state it can continue from, exiting 128 + the signal.
 
+    While ``stop_at_once`` is in force (loading data, pushing: nothing to save), a signal raises
+    ``StoppedBySignal`` carrying what to do next. Otherwise it is only noted: the training loop
+    asks ``requested`` after each step and at each phase's end, saves a checkpoint and stops.
     Later signals are only noted, so that a second Ctrl-C cannot break the checkpoint being
     written; SIGKILL still stops at once, and then the previous checkpoint is the one to resume.
     """
@@ -183,6 +312,7 @@ class StopRequest:
 
     def __init__(self):
         self.signal_number = 0
+        self._at_once_message: str | None = None
         self._previous: dict = {}
 
     def __enter__(self) -> "StopRequest":
@@ -194,8 +324,17 @@ class StopRequest:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
+    def stop_at_once(self, message: str | None) -> None:
+        """From now on a signal raises ``StoppedBySignal(message)``; ``None`` goes back to noting it."""
+        self._at_once_message = message
+        if message and self.signal_number:  # one arrived while it was only being noted
+            raise StoppedBySignal(self.signal_number, message)
+
     def _note(self, number: int, frame) -> None:
+        first = not self.signal_number
         self.signal_number = self.signal_number or number
+        if first and self._at_once_message:
+            raise StoppedBySignal(number, self._at_once_message)
 
     def requested(self, accelerator: Accelerator) -> int:
         """The signal that asked any process to stop (0 if none): the same answer on every process."""

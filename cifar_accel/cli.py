@@ -1,7 +1,8 @@
 """Command-line entry points: ``cifar-accel COMMAND`` (see ``COMMANDS``), ``train.py`` and ``push_model.py``.
 
-Every entry point turns a ``UserError`` into one line on stderr and exit status 2, and a
-run stopped by SIGINT/SIGTERM into exit status 130/143.
+Every entry point turns a ``UserError`` into one line on stderr and exit status 2, what the
+operating system refused (a full disk, a read-only folder) into one line and exit status 74,
+and a run stopped by SIGINT/SIGTERM into exit status 130/143. No message shows a secret.
 Heavy imports happen inside the commands so that ``--help`` stays fast.
 """
 
@@ -12,17 +13,31 @@ from collections.abc import Callable
 from typing import Any
 
 from cifar_accel.config import OneLineErrorParser
-from cifar_accel.errors import StoppedBySignal, UserError
+from cifar_accel.errors import EXIT_SYSTEM_REFUSED, EXIT_USER_ERROR, StoppedBySignal, UserError
+from cifar_accel.files import describe_os_error
+from cifar_accel.redaction import redact
+
+
+def _print_line(text: str) -> None:
+    print(redact(" ".join(text.split())), file=sys.stderr)
 
 
 def _run(command: Callable[[], Any]) -> Any:
     try:
         return command()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except StoppedBySignal as stopped:  # the checkpoint and the resume command are already printed
+        _print_line(f"error: {error}")
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as error:
+        _print_line(f"error: {describe_os_error(error)}")
+        raise SystemExit(EXIT_SYSTEM_REFUSED) from None
+    except StoppedBySignal as stopped:  # without a message, the checkpoint and resume command are printed
+        if stopped.message:
+            _print_line(f"{stopped.signal_name}: {stopped.message}")
         raise SystemExit(stopped.exit_code) from None
+    except KeyboardInterrupt:  # before a run installed its own handling: nothing was written yet
+        _print_line("SIGINT: stopped before anything was written")
+        raise SystemExit(130) from None
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -60,7 +75,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
         from cifar_accel.classifier import load_model
         from cifar_accel.config import TrainConfig
         from cifar_accel.data import load_evaluation_data, make_dataloader
-        from cifar_accel.engine import build_accelerator, evaluate
+        from cifar_accel.engine import build_accelerator
+        from cifar_accel.loop import evaluate
 
         model = load_model(args.model, args.revision)
         data = load_evaluation_data(
@@ -117,19 +133,15 @@ def predict_main(argv: list[str] | None = None) -> None:
     args = _run(lambda: parser.parse_args(argv))
 
     def predict_command() -> None:
-        from PIL import Image, UnidentifiedImageError
-
         from cifar_accel.classifier import load_model
+        from cifar_accel.images import open_image, to_rgb
 
         if args.top_k < 1:
             raise UserError(f"--top_k must be at least 1, got {args.top_k}")
         images = []
         for path in args.images:  # every file is checked before the model is fetched
-            try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            except (OSError, UnidentifiedImageError) as error:
-                raise UserError(f"cannot read image {path} ({error.__class__.__name__}: {error})") from None
+            with open_image(path, f"image {path}") as image:  # a missing, undecodable or bomb file: one line
+                images.append(to_rgb(image, f"image {path}"))
         predictions = load_model(args.model, args.revision).predict(images, top_k=args.top_k)
         for path, ranked in zip(args.images, predictions, strict=True):
             if args.json:

@@ -7,8 +7,10 @@ its values. ``parse_train_args`` turns ``argv`` into a validated ``TrainConfig``
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,34 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
+IMAGE_SIDE = 32
+
+# setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda value: value >= 1, "at least 1"),
+    "batch_size": (lambda value: value >= 1, "at least 1"),
+    "eval_batch_size": (lambda value: value >= 1, "at least 1"),
+    "gradient_accumulation_steps": (lambda value: value >= 1, "at least 1"),
+    "max_train_samples": (lambda value: value >= 1, "at least 1"),
+    "max_eval_samples": (lambda value: value >= 1, "at least 1"),
+    "checkpoints_total_limit": (lambda value: value >= 1, "at least 1"),
+    "validation_size": (lambda value: value >= 0, "zero or more"),
+    "whiten_bias_epochs": (lambda value: value >= 0, "zero or more"),
+    "num_workers": (lambda value: 0 <= value <= 64, "0 to 64"),
+    "seed": (lambda value: 0 <= value < 2**32, "in [0, 2^32)"),
+    "learning_rate": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "weight_decay": (lambda value: 0 <= value < math.inf, "zero or a positive finite number"),
+    "bias_lr_scale": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "gamma": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "label_smoothing": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "warmup_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "final_lr_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "tta_level": (lambda value: value in (0, 1, 2), "0, 1 or 2"),
+    # Reflect padding needs fewer pixels than the side; a square as large as the image erases all of it.
+    "crop_padding": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (less than the image side)"),
+    "cutout": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (smaller than the image)"),
+}
 
 
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -95,30 +125,39 @@ class TrainConfig:
     hub_private_repo: bool = _option(False, "create the Hub repo as private")
 
     def validate(self) -> None:
-        """Reject values that cannot work, with the flag name and what would be valid."""
-        positive = ("epochs", "batch_size", "eval_batch_size", "learning_rate", "gradient_accumulation_steps")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f"--{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_train_samples", "max_eval_samples", "checkpoints_total_limit"):
+        """Reject values that cannot work or make no sense, naming the flag and what is valid.
+
+        Nothing is written here: a refused run leaves the disk as it was.
+        """
+        self._check_types()
+        for name, (is_valid, valid) in RANGES.items():
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name} must be positive, got {value!r}")
-        for name in ("validation_size", "crop_padding", "cutout", "num_workers", "weight_decay", "label_smoothing"):
-            if (getattr(self, name) or 0) < 0:
-                raise UserError(f"--{name} must be zero or positive, got {getattr(self, name)!r}")
-        if self.tta_level not in (0, 1, 2):
-            raise UserError(f"--tta_level must be 0, 1 or 2, got {self.tta_level!r}")
-        if self.bias_lr_scale <= 0:
-            raise UserError(f"--bias_lr_scale must be positive, got {self.bias_lr_scale!r}")
-        if not 0 <= self.final_lr_fraction <= 1:
-            raise UserError(f"--final_lr_fraction must be between 0 and 1, got {self.final_lr_fraction!r}")
-        if not 0 <= self.warmup_fraction <= 1:
-            raise UserError(f"--warmup_fraction must be between 0 and 1, got {self.warmup_fraction!r}")
+            if value is not None and not is_valid(value):
+                raise UserError(f"--{name} must be {valid}, got {value!r}")
+        if any(not 0 < milestone < 1 for milestone in self.milestones) or self.milestones != sorted(self.milestones):
+            raise UserError(f"--milestones must be increasing fractions of training in (0, 1), got {self.milestones}")
         if self.checkpointing_steps not in (None, "epoch") and not self.checkpoint_every_steps:
             raise UserError(
                 f"--checkpointing_steps must be a positive number of steps or 'epoch', got {self.checkpointing_steps!r}"
             )
+        for option_name, choices in (
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+            ("data_loader", DATA_LOADERS),
+            ("report_to", REPORT_TO),
+            ("mixed_precision", (*MIXED_PRECISION, None)),
+        ):
+            if getattr(self, option_name) not in choices:
+                raise UserError(
+                    f"unknown --{option_name} {getattr(self, option_name)!r}; "
+                    f"choose one of: {', '.join(choice for choice in choices if choice)}"
+                )
+        if not self.dataset.strip():
+            raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
+        from cifar_accel.files import check_writable_folder
+
+        check_writable_folder(self.output_dir, "--output_dir")
+        self._check_model()
         if self.push_to_hub:
             from cifar_accel.hub import check_repo_id, resolve_token
 
@@ -126,24 +165,40 @@ class TrainConfig:
                 raise UserError("--push_to_hub needs --hub_model_id USER/NAME")
             check_repo_id(self.hub_model_id, "--hub_model_id")
             resolve_token()  # refused now rather than after hours of training
-        from cifar_accel.models import list_models
-
-        if self.model not in list_models():
-            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
-        for option_name, choices in (
-            ("optimizer", OPTIMIZERS),
-            ("scheduler", SCHEDULERS),
-            ("data_loader", DATA_LOADERS),
-            ("report_to", REPORT_TO),
-        ):
-            if getattr(self, option_name) not in choices:
-                raise UserError(
-                    f"unknown --{option_name} {getattr(self, option_name)!r}; choose one of: {', '.join(choices)}"
-                )
         if self.report_to != "none":
             from cifar_accel.reporting import tracker_names
 
             tracker_names(self.report_to)  # a missing package is refused before anything runs
+
+    def _check_types(self) -> None:
+        """Settings from a recipe, a saved config or Python code have the type their flag would give."""
+        for name, annotation in typing.get_type_hints(TrainConfig).items():
+            value, kind = getattr(self, name), _base_type(annotation)
+            optional = type(None) in typing.get_args(annotation)
+            if (value is None and optional) or kind is Any or _is_instance(value, kind):
+                continue
+            expected = {int: "a whole number", float: "a number", bool: "true or false", str: "text",
+                        list: "a list of numbers", dict: "a JSON object"}[kind]  # fmt: skip
+            raise UserError(f"--{name} must be {expected}, got {value!r}")
+
+    def _check_model(self) -> None:
+        """Build the network without memory (meta device), so bad --model_args are refused before any work."""
+        import torch
+
+        from cifar_accel.models import get_model, list_models
+
+        if self.model not in list_models():
+            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
+        try:
+            with torch.device("meta"):
+                get_model(self.model, num_classes=10, **self.model_args)
+        except UserError:
+            raise
+        except Exception as error:  # whatever the constructor raises for values it cannot take
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(
+                f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({reason})"
+            ) from None
 
     @property
     def checkpoint_every_steps(self) -> int | None:
@@ -151,6 +206,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_instance(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is list:
+        return isinstance(value, list) and all(_is_instance(item, float) for item in value)
+    return isinstance(value, kind)
 
 
 def _parse_json_object(text: str) -> dict:
@@ -233,16 +298,22 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         return value
     try:
         if kind is list:
-            return [float(item) for item in value]
-        if kind is bool and not isinstance(value, bool):
+            return [_coerce(name, item, float) for item in value]
+        if isinstance(value, bool) and kind is not bool or kind is bool and not isinstance(value, bool):
             raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError  # int(2.5) would silently train 2 epochs
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"recipe setting {name}: {value!r} is not a valid {kind.__name__}") from None
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the recipe's settings, then the flags given explicitly: later wins."""
+    """Defaults, then the recipe's settings, then the flags given explicitly: later wins.
+
+    With ``--resume_from_checkpoint``, the checkpoint's run settings come first instead, and what
+    was asked for may change only what does not change the result (``checkpoint.RESUME_MAY_CHANGE``).
+    """
     parser = OneLineErrorParser(
         description="Train an image classifier on CIFAR-10 (or any dataset in its layout) with Accelerate.",
         formatter_class=_one_line_help,
@@ -260,6 +331,12 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         if unknown:
             raise UserError(f"recipe {explicit['recipe']!r} sets unknown settings: {', '.join(unknown)}")
         settings = {name: _coerce(name, value, hints[name]) for name, value in recipe.items()}
-    config = TrainConfig(**{**settings, **explicit})
+    settings.update(explicit)
+    if settings.get("resume_from_checkpoint"):
+        from cifar_accel.checkpoint import resume_settings
+
+        saved = resume_settings(settings, TrainConfig.output_dir)
+        settings = {name: value for name, value in saved.items() if name in typing.get_type_hints(TrainConfig)}
+    config = TrainConfig(**settings)
     config.validate()
     return config

@@ -1,5 +1,7 @@
-"""The training loop: one ``Accelerator``, read top to bottom in ``train``.
+"""The training loop: one ``Accelerator``; ``train`` reads as its table of contents.
 
+``build_run`` checks and builds everything before the first step, ``train_epoch`` runs one epoch
+(saving and stopping as asked), ``finish_run`` evaluates the best model and writes the reports.
 Everything distributed goes through the accelerator: ``prepare`` shards the data and wraps
 the model, ``gather_for_metrics`` makes evaluation exact, ``is_main_process`` decides who writes.
 """
@@ -8,18 +10,18 @@ import dataclasses
 import math
 import os
 import platform
-import resource
-import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import accelerate
 import datasets
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,6 +30,7 @@ from cifar_accel.checkpoint import (
     StopRequest,
     TrainingProgress,
     check_architecture,
+    check_process_count,
     find_checkpoint,
     load_checkpoint,
     resume_command,
@@ -39,7 +42,16 @@ from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.errors import StoppedBySignal, UserError
+from cifar_accel.files import describe_os_error
 from cifar_accel.hub import push_run
+from cifar_accel.loop import (
+    DataWaitClock,
+    NonFiniteLossWatch,
+    evaluate,
+    peak_memory_megabytes,
+    timing_summary,
+    train_steps,
+)
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 from cifar_accel.reporting import (
@@ -53,7 +65,7 @@ from cifar_accel.reporting import (
 )
 from cifar_accel.saved_model import model_config, save_model
 from cifar_accel.scoring import TOP_K_NAMES, score_predictions
-from cifar_accel.tricks import Lookahead, tta_logits
+from cifar_accel.tricks import Lookahead
 
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
@@ -88,142 +100,97 @@ def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
         raise UserError(f"--mixed_precision bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or no")
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0, keep_predictions: bool = False
-) -> dict:
-    """Loss, top-1, top-3 and top-5 over every example of ``loader`` exactly once, on all processes.
+def on_main_process(accelerator: Accelerator, action: Callable[[], Any]) -> Any:
+    """``action()`` on the main process only; its refusal (a ``UserError`` or what the operating
+    system refused) is raised on every process alike, so that none is left waiting for the others."""
+    result, problem = None, None
+    if accelerator.is_main_process:
+        try:
+            result = action()
+        except UserError as error:
+            problem = str(error)
+        except OSError as error:
+            problem = describe_os_error(error)
+    if accelerator.num_processes > 1:
+        shared = [problem]
+        broadcast_object_list(shared)
+        problem = shared[0]
+    if problem:
+        raise UserError(problem)
+    return result
 
-    ``keep_predictions`` adds ``labels`` and ``ranked_predictions`` (the five most likely class ids
-    per example, best first), gathered from all processes, for ``scoring.score_predictions``.
-    """
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-3, top-5 sums
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    count = 0
-    for images, labels in loader:
-        logits = tta_logits(model, images, tta_level).float()
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = ranked == labels[:, None]
-        # gather_for_metrics drops the duplicates that pad the last batch across processes.
-        extra = (labels, ranked) if keep_predictions else ()
-        losses, top1, top3, top5, *extra = accelerator.gather_for_metrics(
-            (losses, hits[:, 0], hits[:, :3].any(dim=1), hits.any(dim=1), *extra)
+
+@dataclass
+class Run:
+    """One training run as ``train`` advances it; ``folder`` is set on the main process only."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    data: DataBundle
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: nn.Module
+    train_loader: Any
+    eval_loader: Any
+    lookahead: Lookahead | None
+    architecture: dict
+    resume_from: Path | None
+    folder: RunFolder | None
+    start_time: float
+    data_ready_time: float
+    progress: TrainingProgress = field(default_factory=TrainingProgress)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    examples_before_resume: float = 0.0  # trained in this epoch by the run that saved the checkpoint: not timed
+    checkpoint_saved: bool = False
+
+    def __post_init__(self):
+        self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # loss, correct, n
+        self.watch = NonFiniteLossWatch(self.accelerator.device)
+
+    def save_checkpoint(self) -> Path:
+        self.watch.check(self.accelerator, len(self.train_loader))  # a checkpoint never holds a diverged model
+        tensors = {
+            "epoch_totals": self.accelerator.reduce(self.epoch_totals, reduction="sum"),
+            **with_prefix("best", self.best_state),
+        }
+        if self.lookahead is not None:
+            tensors.update(with_prefix("lookahead", self.lookahead.state_dict()))
+        saved_run = {
+            "architecture": self.architecture,
+            "settings": self.config.to_dict(),
+            "num_processes": self.accelerator.num_processes,
+        }
+        checkpoint = save_checkpoint(
+            self.accelerator, self.config.output_dir, self.progress, tensors, saved_run,
+            self.config.checkpoints_total_limit,
+        )  # fmt: skip
+        self.checkpoint_saved = True
+        return checkpoint
+
+    def stop_if_requested(self, stop: StopRequest, where: str, checkpoint: Path | None = None) -> None:
+        """After a signal: save a checkpoint (unless one was just saved), say how to resume, and stop."""
+        signal_number = stop.requested(self.accelerator)
+        if not signal_number:
+            return
+        checkpoint = checkpoint or self.save_checkpoint()
+        self.accelerator.print(
+            f"{StoppedBySignal(signal_number).signal_name}: stopped {where}; checkpoint saved to {checkpoint}\n"
+            f"resume with: {resume_command(checkpoint, self.accelerator.num_processes)}"
         )
-        totals += torch.stack([losses.sum(), top1.sum(), top3.sum(), top5.sum()]).double()
-        count += len(losses)
-        if keep_predictions:
-            kept.append(tuple(extra))
-    loss, top1, top3, top5 = (totals / max(count, 1)).tolist()
-    metrics = {"loss": loss, "top1": top1, "top3": top3, "top5": top5, "n": count}
-    if keep_predictions:
-        metrics["labels"] = torch.cat([labels for labels, _ in kept]).cpu()
-        metrics["ranked_predictions"] = torch.cat([ranked for _, ranked in kept]).cpu()
-    return metrics
+        self.accelerator.end_training()
+        raise StoppedBySignal(signal_number)
 
-
-def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals, lookahead=None):
-    """Train on each batch, yielding its loss after the step so the caller can log, save or stop.
-
-    ``totals`` (loss sum, correct, examples) is summed on the device: no host sync in the step.
-    """
-    model.train()
-    for images, labels in batches:
-        with accelerator.accumulate(model):
-            logits = model(images)
-            loss = criterion(logits, labels)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if lookahead is not None and accelerator.sync_gradients:
-            lookahead.step()
-        totals[0] += loss.detach().double() * len(labels)
-        totals[1] += (logits.argmax(dim=1) == labels).sum()
-        totals[2] += len(labels)
-        yield loss.detach()
-
-
-class NonFiniteLossWatch:
-    """Notes on the device, without a host sync, the first step whose loss was not finite."""
-
-    def __init__(self, device: torch.device):
-        self.first_step = torch.zeros((), dtype=torch.int64, device=device)
-
-    def observe(self, loss: torch.Tensor, step: int) -> None:
-        self.first_step = torch.where((self.first_step == 0) & ~torch.isfinite(loss), step, self.first_step)
-
-    def check(self, accelerator: Accelerator, steps_per_epoch: int) -> None:
-        """Raise, on every process alike, if any process saw a non-finite loss."""
-        steps = accelerator.gather(self.first_step.reshape(1))
-        steps = steps[steps > 0]
-        if len(steps):
-            step = int(steps.min()) - 1
-            raise UserError(
-                f"training loss became nan or inf at epoch {step // steps_per_epoch + 1}, step "
-                f"{step % steps_per_epoch + 1}; the last checkpoint is kept; lower --learning_rate, "
-                "or use --mixed_precision no"
-            )
-
-
-class DataWaitClock:
-    """Host seconds the loop stood waiting for its next training batch; the rest of an epoch is compute.
-
-    On a GPU the host runs ahead of the device, so "compute" also holds the waits at host syncs.
-    """
-
-    def __init__(self):
-        self.seconds = 0.0
-
-    def timed(self, batches):
-        iterator = iter(batches)
-        while True:
-            asked = time.perf_counter()
-            batch = next(iterator, None)
-            self.seconds += time.perf_counter() - asked
-            if batch is None:
-                return
-            yield batch
-
-
-def peak_memory_megabytes(accelerator: Accelerator) -> dict:
-    """The largest peak over processes: resident host memory of the training process (DataLoader
-    workers not included) and tensor memory allocated on the GPU (None without one)."""
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    on_gpu = accelerator.device.type == "cuda"
-    device = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if on_gpu else 0.0
-    peaks = accelerator.gather(torch.tensor([[host, device]], dtype=torch.float64, device=accelerator.device))
-    host, device = peaks.amax(dim=0).tolist()
-    return {"peak_host_memory_mb": round(host, 1), "peak_device_memory_mb": round(device, 1) if on_gpu else None}
-
-
-def timing_summary(
-    records: list[dict], start_time: float, data_ready_time: float, trained_time: float, resumed: bool
-) -> dict:
-    """``results.json``'s timing: the run, its phases summed over epochs, and each epoch's seconds.
-
-    ``speed_run_seconds`` runs from data loaded to the last evaluation (TTA included), as speed records count.
-    After a resume, the epochs' figures cover every epoch; the first three only the last process.
-    """
-
-    def total(name: str) -> float:  # records of a checkpoint written by an older version may lack a field
-        return sum(record.get(name, 0.0) for record in records)
-
-    train_seconds = total("train_seconds")
-    return {
-        "total_seconds": time.perf_counter() - start_time,
-        "data_loading_seconds": data_ready_time - start_time,
-        "speed_run_seconds": trained_time - data_ready_time,
-        "epoch_seconds": [record["seconds"] for record in records],
-        "train_seconds": train_seconds,
-        "data_wait_seconds": total("data_wait_seconds"),
-        "compute_seconds": total("compute_seconds"),
-        "eval_seconds": total("eval_seconds"),
-        # images timed = rate x time: an epoch resumed mid-way timed only the images after the resume
-        "images_per_second": sum(r["images_per_second"] * r.get("train_seconds", 0.0) for r in records) / train_seconds,
-        "resumed": resumed,
-    }
+    def abandon(self, error: BaseException) -> None:
+        """A run ending in an error before its first epoch finished gives the folder back to the run it
+        replaced; one stopped with a checkpoint keeps that run aside until it finishes an epoch."""
+        if self.folder is None or self.resume_from or self.progress.epoch > 1:
+            return
+        if self.checkpoint_saved:
+            print(f"the run this one replaces is kept in {self.folder.path / '.replaced_run'} until this "
+                  "one finishes its first epoch", file=sys.stderr)  # fmt: skip
+        elif not isinstance(error, StoppedBySignal):
+            self.folder.restore_replaced_run()
 
 
 def environment() -> dict:
@@ -263,39 +230,96 @@ def train(config: TrainConfig) -> dict:
     stop; ``--resume_from_checkpoint`` continues bit for bit where a checkpoint left off.
     """
     start_time = time.perf_counter()
-    # Everything that can be refused is checked before anything is written.
-    resume_from = None
+    with StopRequest() as stop:
+        stop.stop_at_once("stopped while preparing the run; nothing was trained: run the same command again")
+        run = build_run(config, start_time, stop)
+        try:
+            start_records(run)
+            with progress_bar(run) as bar:
+                while run.progress.epoch <= run.config.epochs:
+                    train_epoch(run, stop, bar)
+            results = finish_run(run, stop)
+            if config.push_to_hub:
+                push(run, stop)
+        except BaseException as error:
+            run.abandon(error)
+            raise
+        finally:
+            if run.folder:
+                run.folder.close()
+    return results
+
+
+def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
+    """Everything before the first step. What can be refused is checked before anything is written;
+    the output folder is taken last, once a signal no longer stops the run at once."""
+    resume_from, skipped = None, []
     architecture = {"model": config.model, "model_args": config.model_args}
     if config.resume_from_checkpoint:
-        resume_from = find_checkpoint(config.resume_from_checkpoint, config.output_dir)
+        resume_from, skipped = find_checkpoint(config.resume_from_checkpoint, config.output_dir)
         check_architecture(resume_from, architecture)
     elif not config.overwrite_output_dir:
         refuse_existing_run(config.output_dir)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     accelerator = build_accelerator(config)
-    if config.num_workers is None:
-        config = dataclasses.replace(config, num_workers=default_num_workers(accelerator.num_processes))
+    if resume_from:
+        check_process_count(resume_from, accelerator.num_processes)
+        for note in skipped:
+            accelerator.print(f"note: {note}")
+        if launcher_precision and launcher_precision != accelerator.mixed_precision:
+            accelerator.print(f"note: the run continues in mixed precision {accelerator.mixed_precision}, as it "
+                              f"was trained, not the launcher's {launcher_precision}")  # fmt: skip
+    workers = default_num_workers(accelerator.num_processes) if config.num_workers is None else config.num_workers
+    # Resolved values, so that train_config.json and the checkpoints record what was used.
+    config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision, num_workers=workers)
     set_seed(config.seed)
-
-    def loader(split, train: bool = False):
-        batch_size = config.batch_size if train else config.eval_batch_size
-        if config.data_loader == "device":
-            return make_device_dataloader(
-                split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip,
-                config.seed, config.channels_last, config.crop_padding,
-            )  # fmt: skip
-        return make_dataloader(
-            split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,
-            config.crop_padding, config.alternating_flip,
-        )  # fmt: skip
-
     # The main process builds the datasets and decoded-image caches first; the others then read them.
     with accelerator.main_process_first():
         data = load_data(config)
-        train_loader, eval_loader = loader(data.train, train=True), loader(data.evaluation)
+        train_loader = make_loader(config, data, data.train, accelerator, train=True)
+        eval_loader = make_loader(config, data, data.evaluation, accelerator)
     data_ready_time = time.perf_counter()  # speed runs time from here: data loaded, model not yet built
     architecture["num_classes"] = data.num_classes
     if resume_from:
         check_architecture(resume_from, architecture)  # again, now that the number of classes is known
+    model = build_model(config, data, accelerator)
+    optimizer = build_optimizer(model, config)
+    # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
+    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=updates_per_epoch)
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+    lookahead = (
+        Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
+    )
+    run = Run(
+        config, accelerator, data, model, optimizer, scheduler,
+        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
+        architecture, resume_from, None, start_time, data_ready_time,
+    )  # fmt: skip
+    if resume_from:
+        restore_checkpoint(run)
+    stop.stop_at_once(None)  # from here a signal is answered with a checkpoint
+    resuming, overwrite = bool(resume_from), config.overwrite_output_dir
+    run.folder = on_main_process(accelerator, lambda: RunFolder(config.output_dir, resuming, overwrite))
+    return run
+
+
+def make_loader(config: TrainConfig, data: DataBundle, split, accelerator: Accelerator, train: bool = False):
+    batch_size = config.batch_size if train else config.eval_batch_size
+    if config.data_loader == "device":
+        return make_device_dataloader(
+            split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip,
+            config.seed, config.channels_last, config.crop_padding,
+        )  # fmt: skip
+    return make_dataloader(
+        split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,
+        config.crop_padding, config.alternating_flip,
+    )  # fmt: skip
+
+
+def build_model(config: TrainConfig, data: DataBundle, accelerator: Accelerator) -> nn.Module:
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
         model.initialize_whitening(first_images(data.train, data, count=5000))
@@ -305,197 +329,210 @@ def train(config: TrainConfig) -> dict:
         if accelerator.device.type != "cuda":
             raise UserError("--sync_batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, config)
-    # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
-    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch=updates_per_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
-    lookahead = (
-        Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
-    )
+    return model
 
-    progress = TrainingProgress()
-    epoch_totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, correct, examples
-    best_state: dict[str, torch.Tensor] = {}
-    examples_before_resume = 0.0  # trained in this epoch by the run that saved the checkpoint: not timed here
-    if resume_from:
-        progress, saved = load_checkpoint(accelerator, resume_from)
-        if accelerator.is_main_process:  # the saved sums are over all processes: count them once
-            epoch_totals += saved["epoch_totals"]
-        examples_before_resume = float(saved["epoch_totals"][2])
-        best_state = without_prefix("best", saved)
-        if lookahead is not None:
-            lookahead.load_state_dict(without_prefix("lookahead", saved))
 
-    watch = NonFiniteLossWatch(accelerator.device)
+def restore_checkpoint(run: Run) -> None:
+    run.progress, saved = load_checkpoint(run.accelerator, run.resume_from)
+    if run.accelerator.is_main_process:  # the saved sums are over all processes: count them once
+        run.epoch_totals += saved["epoch_totals"]
+    run.examples_before_resume = float(saved["epoch_totals"][2])
+    run.best_state = without_prefix("best", saved)
+    if run.lookahead is not None:
+        run.lookahead.load_state_dict(without_prefix("lookahead", saved))
 
-    def save() -> Path:
-        watch.check(accelerator, len(train_loader))  # a checkpoint never holds a diverged model
-        tensors = {"epoch_totals": accelerator.reduce(epoch_totals, reduction="sum"), **with_prefix("best", best_state)}
-        if lookahead is not None:
-            tensors.update(with_prefix("lookahead", lookahead.state_dict()))
-        return save_checkpoint(
-            accelerator, config.output_dir, progress, tensors, architecture, config.checkpoints_total_limit
-        )
 
-    saved_model_config = model_config(config.model, config.model_args, data.class_names, data.mean, data.std)
+def start_records(run: Run) -> None:
+    """``train_config.json``, the metrics so far, the trackers and the run's first line."""
+    config, accelerator, data = run.config, run.accelerator, run.data
     resolved = resolved_settings(config, accelerator, data)
-    run_folder = RunFolder(config.output_dir, resuming=bool(resume_from)) if accelerator.is_main_process else None
-    if run_folder:
-        run_folder.save_config(resolved)
-        run_folder.save_metrics(progress.records)  # a resumed run drops epochs logged after its checkpoint
+    if run.folder:
+        run.folder.save_config(resolved)
+        run.folder.save_metrics(run.progress.records)  # a resumed run drops epochs logged after its checkpoint
     run_name = Path(config.output_dir).resolve().name
     tracker_options = {"wandb": {"name": run_name}, "mlflow": {"run_name": run_name}}
-    if resume_from:  # TensorBoard drops what the interrupted run logged after its checkpoint, as metrics.jsonl does
-        tracker_options["tensorboard"] = {"purge_step": progress.epoch}
+    if run.resume_from:  # TensorBoard drops what the interrupted run logged after its checkpoint, as metrics.jsonl
+        tracker_options["tensorboard"] = {"purge_step": run.progress.epoch}
     accelerator.init_trackers("cifar_accel", tracker_config(resolved), tracker_options)
     accelerator.print(
-        f"{config.model}: {sum(p.numel() for p in model.parameters()):,} parameters | "
+        f"{config.model}: {sum(p.numel() for p in run.model.parameters()):,} parameters | "
         f"{len(data.train)} train / {len(data.evaluation)} {data.selection_split} examples, "
         f"{data.num_classes} classes | {accelerator.num_processes} process(es) on {accelerator.device}, "
         f"global batch {resolved['global_batch_size']}, mixed precision {accelerator.mixed_precision}"
     )
-    if resume_from:
-        accelerator.print(f"resuming from {resume_from}: epoch {progress.epoch}, step {progress.step_in_epoch}")
+    if run.resume_from:
+        accelerator.print(
+            f"resuming from {run.resume_from}: epoch {run.progress.epoch}, step {run.progress.step_in_epoch}"
+        )
 
-    with (
-        StopRequest() as stop,
-        tqdm(
-            total=len(train_loader) * config.epochs,
-            initial=progress.global_step,
-            disable=not accelerator.is_main_process,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
-        ) as progress_bar,
-    ):  # closed before an error is printed
-        while progress.epoch <= config.epochs:
-            epoch = progress.epoch
-            progress_bar.set_description(f"epoch {epoch}/{config.epochs}")
-            epoch_start = time.perf_counter()
-            # Batch order and augmentation are functions of (seed, epoch): the same after a resume.
-            train_loader.set_epoch(epoch - 1)
-            train_loader.dataset.set_epoch(epoch - 1)
-            batches = train_loader
-            if progress.step_in_epoch:
-                batches = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
-            else:
-                progress.epoch_learning_rate = scheduler.get_last_lr()[0]
-            data_wait = DataWaitClock()
-            steps = train_steps(
-                model, data_wait.timed(batches), optimizer, scheduler, criterion, accelerator, epoch_totals, lookahead
+
+def progress_bar(run: Run) -> tqdm:
+    return tqdm(
+        total=len(run.train_loader) * run.config.epochs,
+        initial=run.progress.global_step,
+        disable=not run.accelerator.is_main_process,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s, not every step
+    )
+
+
+def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
+    """The epoch's training steps (checkpointing and stopping as asked), its evaluation and its record."""
+    config, accelerator, progress = run.config, run.accelerator, run.progress
+    epoch = progress.epoch
+    bar.set_description(f"epoch {epoch}/{config.epochs}")
+    epoch_start = time.perf_counter()
+    # Batch order and augmentation are functions of (seed, epoch): the same after a resume.
+    run.train_loader.set_epoch(epoch - 1)
+    run.train_loader.dataset.set_epoch(epoch - 1)
+    batches = run.train_loader
+    if progress.step_in_epoch:
+        batches = accelerator.skip_first_batches(run.train_loader, progress.step_in_epoch)
+    else:
+        progress.epoch_learning_rate = run.scheduler.get_last_lr()[0]
+    data_wait = DataWaitClock()
+    steps = train_steps(
+        run.model, data_wait.timed(batches), run.optimizer, run.scheduler, run.criterion, accelerator,
+        run.epoch_totals, run.lookahead,
+    )  # fmt: skip
+    for loss in steps:
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        run.watch.observe(loss, progress.global_step)
+        bar.update(1)
+        run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch}")
+        if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
+            run.save_checkpoint()
+        if progress.step_in_epoch % 20 == 0:
+            run.watch.check(accelerator, len(run.train_loader))
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    run.watch.check(accelerator, len(run.train_loader))
+    if run.lookahead is not None and epoch == config.epochs:
+        run.lookahead.finish()  # the last epoch is evaluated and saved as the average
+    train_seconds = time.perf_counter() - epoch_start
+    record = evaluate_epoch(run, epoch_start, train_seconds, data_wait.seconds)
+    keep_record(run, record, bar)
+    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    run.epoch_totals.zero_()
+    if run.folder:
+        run.folder.drop_replaced_run()  # this run has a finished epoch of its own now
+    checkpoint = run.save_checkpoint() if config.checkpointing_steps == "epoch" else None
+    run.stop_if_requested(stop, f"after epoch {epoch}", checkpoint)
+
+
+def evaluate_epoch(run: Run, epoch_start: float, train_seconds: float, data_wait_seconds: float) -> dict:
+    """The epoch's line of ``metrics.jsonl``: training sums over all processes, then the evaluation."""
+    loss_sum, correct, examples = run.accelerator.reduce(run.epoch_totals, reduction="sum").tolist()
+    eval_start = time.perf_counter()
+    eval_stats = evaluate(run.model, run.eval_loader, run.accelerator)
+    epoch_end = time.perf_counter()
+    record = {
+        "epoch": run.progress.epoch,
+        "train_loss": loss_sum / examples,
+        "train_acc": correct / examples,
+        "train_examples": int(examples),
+        "eval_split": run.data.selection_split,
+        **{f"eval_{name}": value for name, value in eval_stats.items()},
+        "lr": run.progress.epoch_learning_rate,
+        "seconds": epoch_end - epoch_start,
+        "train_seconds": train_seconds,
+        "data_wait_seconds": data_wait_seconds,
+        "compute_seconds": train_seconds - data_wait_seconds,
+        "eval_seconds": epoch_end - eval_start,
+        "images_per_second": (examples - run.examples_before_resume) / train_seconds,
+    }
+    run.examples_before_resume = 0.0
+    return record
+
+
+def keep_record(run: Run, record: dict, bar: tqdm) -> None:
+    """Log the epoch; if it is the best so far, keep its weights in memory and as the saved model."""
+    run.progress.records.append(record)
+    run.accelerator.log(numeric_values(record), step=record["epoch"])
+    if record["eval_top1"] > run.progress.best["eval_top1"]:
+        run.progress.best = record
+        run.best_state = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
+        if run.folder:
+            data = run.data
+            saved_model_config = model_config(
+                run.config.model, run.config.model_args, data.class_names, data.mean, data.std
             )
-            for loss in steps:
-                progress.step_in_epoch += 1
-                progress.global_step += 1
-                watch.observe(loss, progress.global_step)
-                progress_bar.update(1)
-                signal_number = stop.requested(accelerator)
-                if signal_number:
-                    progress_bar.close()
-                    checkpoint = save()
-                    accelerator.print(
-                        f"{signal.Signals(signal_number).name}: stopped at epoch {epoch}, "
-                        f"step {progress.step_in_epoch}; checkpoint saved to {checkpoint}\n"
-                        f"resume with: {resume_command(checkpoint, accelerator.num_processes)}"
-                    )
-                    accelerator.end_training()
-                    raise StoppedBySignal(signal_number)
-                if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
-                    save()
-                if progress.step_in_epoch % 20 == 0:
-                    watch.check(accelerator, len(train_loader))
-                    progress_bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            watch.check(accelerator, len(train_loader))
-            if lookahead is not None and epoch == config.epochs:
-                lookahead.finish()  # the last epoch is evaluated and saved as the average
-            train_seconds = time.perf_counter() - epoch_start
-            loss_sum, correct, examples = accelerator.reduce(epoch_totals, reduction="sum").tolist()
-            eval_start = time.perf_counter()
-            eval_stats = evaluate(model, eval_loader, accelerator)
-            epoch_end = time.perf_counter()
-            record = {
-                "epoch": epoch,
-                "train_loss": loss_sum / examples,
-                "train_acc": correct / examples,
-                "train_examples": int(examples),
-                "eval_split": data.selection_split,
-                **{f"eval_{name}": value for name, value in eval_stats.items()},
-                "lr": progress.epoch_learning_rate,
-                "seconds": epoch_end - epoch_start,
-                "train_seconds": train_seconds,
-                "data_wait_seconds": data_wait.seconds,
-                "compute_seconds": train_seconds - data_wait.seconds,
-                "eval_seconds": epoch_end - eval_start,
-                "images_per_second": (examples - examples_before_resume) / train_seconds,
-            }
-            examples_before_resume = 0.0
-            progress.records.append(record)
-            accelerator.log(numeric_values(record), step=epoch)
-            if record["eval_top1"] > progress.best["eval_top1"]:
-                progress.best = record
-                best_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-                if run_folder:
-                    save_model(accelerator.unwrap_model(model), run_folder.best_model_dir, saved_model_config)
-            if run_folder:
-                progress_bar.write(format_epoch_line(record, config.epochs))
-                run_folder.save_metrics(progress.records)
-            progress.epoch, progress.step_in_epoch = epoch + 1, 0
-            epoch_totals.zero_()
-            if config.checkpointing_steps == "epoch":
-                save()
-    accelerator.wait_for_everyone()
+            save_model(run.accelerator.unwrap_model(run.model), run.folder.best_model_dir, saved_model_config)
+    if run.folder:
+        bar.write(format_epoch_line(record, run.config.epochs))
+        run.folder.save_metrics(run.progress.records)
 
-    best = progress.best
+
+def finish_run(run: Run, stop: StopRequest) -> dict:
+    """The best epoch's model evaluated once more (with TTA if asked), then ``results.json`` and the reports."""
+    config, accelerator, data = run.config, run.accelerator, run.data
+    accelerator.wait_for_everyone()
+    best = run.progress.best
     results = {
         "best_epoch": best["epoch"],
         "selected_by": data.selection_split,
         "best_metrics": best,
         "num_processes": accelerator.num_processes,
     }
-    model.load_state_dict(best_state)
+    run.model.load_state_dict(run.best_state)
     final_split, final_data = data.selection_split, data.evaluation
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
         final_split, final_data = config.eval_split, data.test
     if config.tta_level:
-        tta_loader = eval_loader if data.test is None else accelerator.prepare(loader(data.test))
-        results["tta_metrics"] = evaluate(model, tta_loader, accelerator, config.tta_level)
+        tta_loader = (
+            run.eval_loader
+            if data.test is None
+            else accelerator.prepare(make_loader(config, data, data.test, accelerator))
+        )
+        results["tta_metrics"] = evaluate(run.model, tta_loader, accelerator, config.tta_level)
     results["tta_level"] = config.tta_level
     trained_time = time.perf_counter()  # evaluate() ends in a host sync: the device has finished
     # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader
     # (the device loader normalises with a fused multiply-add, equal only to the last bits), without TTA.
     final_loader = make_dataloader(final_data, data, False, config.eval_batch_size, config.num_workers)
-    final = evaluate(model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
+    final = evaluate(run.model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
     scores = score_predictions(final.pop("ranked_predictions"), final.pop("labels"), data.class_names)
     disagreeing = [name for name in TOP_K_NAMES if scores[name] != final[name]]
     if disagreeing:  # two independent countings of the same predictions; never expected
         raise RuntimeError(f"the evaluate metric and the loop disagree on {disagreeing}: {scores} vs {final}")
     results["final_metrics"] = {"split": final_split, "loss": final["loss"], "n": final["n"], **scores}
+    run.stop_if_requested(stop, "during the final evaluation")
     accelerator.log({f"final_{name}": scores[name] for name in TOP_K_NAMES}, step=config.epochs)
     results["timing"] = {
-        **timing_summary(progress.records, start_time, data_ready_time, trained_time, resumed=bool(resume_from)),
+        **timing_summary(
+            run.progress.records, run.start_time, run.data_ready_time, trained_time, bool(run.resume_from)
+        ),
         **peak_memory_megabytes(accelerator),
     }
-    if run_folder:
-        run_folder.save_results(results)
-        run_folder.save_reports(progress.records, results, config.hub_model_id if config.push_to_hub else None)
-        accelerator.print(
-            f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; "
-            f"{final_split} top1 {final['top1']:.2%}; saved to {run_folder.best_model_dir} "
-            f"({results['timing']['total_seconds']:.0f}s)"
-        )
+    if run.folder:
+        run.folder.save_results(results)
+        run.folder.save_reports(run.progress.records, results, config.hub_model_id if config.push_to_hub else None)
+    run.stop_if_requested(stop, "while writing the reports")
+    accelerator.print(
+        f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; "
+        f"{final_split} top1 {final['top1']:.2%}; saved to {config.output_dir}/best "
+        f"({results['timing']['total_seconds']:.0f}s)"
+    )
     accelerator.end_training()
-    if config.push_to_hub and accelerator.is_main_process:
-        try:
-            url = push_run(config.output_dir, config.hub_model_id, private=config.hub_private_repo)
-        except UserError as error:
-            raise UserError(
-                f"{error}; the run is saved in {config.output_dir}: push it with cifar-accel push "
-                f"--run_dir {config.output_dir} --repo_id {config.hub_model_id}"
-            ) from None
-        accelerator.print(f"pushed the best model to {url}")
     return results
+
+
+def push(run: Run, stop: StopRequest) -> None:
+    """The finished run to the Hub, from the main process; a failed or interrupted push keeps the run."""
+    config = run.config
+    retry = (
+        f"the run is saved in {config.output_dir}: push it with cifar-accel push "
+        f"--run_dir {config.output_dir} --repo_id {config.hub_model_id}"
+    )
+    if not run.accelerator.is_main_process:
+        return
+    stop.stop_at_once(f"stopped while pushing; {retry}")
+    try:
+        url = push_run(config.output_dir, config.hub_model_id, private=config.hub_private_repo)
+    except UserError as error:
+        raise UserError(f"{error}; {retry}") from None
+    finally:
+        stop.stop_at_once(None)
+    run.accelerator.print(f"pushed the best model to {url}")

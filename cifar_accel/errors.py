@@ -1,4 +1,9 @@
-"""The exceptions that end a run without a traceback."""
+"""The exceptions that end a run without a traceback, and the exit statuses they give."""
+
+import signal
+
+EXIT_USER_ERROR = 2  # bad input: nothing was written or changed
+EXIT_SYSTEM_REFUSED = 74  # the operating system refused a write (disk full, read-only...): BSD's EX_IOERR
 
 
 class UserError(ValueError):
@@ -10,8 +15,13 @@ class UserError(ValueError):
 
 
 class StoppedBySignal(Exception):
-    """SIGINT or SIGTERM stopped training after a checkpoint was saved; exit with ``exit_code``."""
+    """SIGINT or SIGTERM stopped the run; exit with ``exit_code`` (128 + the signal's number).
 
-    def __init__(self, signal_number: int):
-        super().__init__(f"stopped by signal {signal_number}")
+    ``message``, when given, is what the user should do next; otherwise the run already printed it.
+    """
+
+    def __init__(self, signal_number: int, message: str | None = None):
+        self.signal_name = signal.Signals(signal_number).name
+        super().__init__(message or f"stopped by {self.signal_name}")
         self.exit_code = 128 + signal_number
+        self.message = message

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from cifar_accel.files import write_atomically
+
 
 def plot_training_curves(records: list[dict], path: str | Path) -> None:
     """Loss, accuracy and learning rate per epoch, from ``metrics.jsonl``'s records."""
@@ -86,6 +88,4 @@ def _save(figure, path: str | Path) -> None:
     """Through a temporary sibling and a rename, as every run file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=100)
-    temporary.replace(path)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))

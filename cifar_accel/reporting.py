@@ -3,14 +3,14 @@
 import csv
 import io
 import json
-import shutil
+import os
 from pathlib import Path
 
 from cifar_accel.errors import UserError
+from cifar_accel.files import FolderLock, remove_tree, write_json, write_text
 from cifar_accel.hub import default_dataset_id
 from cifar_accel.model_card import build_model_card
 from cifar_accel.plots import plot_confusion_matrix, plot_training_curves
-from cifar_accel.saved_model import write_json, write_text
 
 
 def format_epoch_line(record: dict, epochs: int) -> str:
@@ -74,23 +74,61 @@ def refuse_existing_run(output_dir: str | Path) -> None:
         )
 
 
-class RunFolder:
-    """The files of ``--output_dir``; only the main process should create one.
+REPLACED_RUN = ".replaced_run"
 
-    A new run first removes the files of a run it replaces (``--overwrite_output_dir``);
-    a resumed run keeps them. Every file is replaced atomically.
+
+class RunFolder:
+    """The files of ``--output_dir``; only the main process creates one, and holds the folder's lock.
+
+    A new run that replaces another (``--overwrite_output_dir``) first moves the old run's files
+    aside to ``.replaced_run``; they are removed only once the new run has finished an epoch
+    (``drop_replaced_run``), and put back if it fails before that (``restore_replaced_run``).
+    A resumed run keeps the files. Every file is replaced atomically.
     """
 
-    def __init__(self, output_dir: str | Path, resuming: bool = False):
+    def __init__(self, output_dir: str | Path, resuming: bool = False, overwrite: bool = False):
         self.path = Path(output_dir)
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not resuming:
+        self.lock = FolderLock(self.path)
+        self.lock.acquire()
+        try:
+            if not resuming:
+                if not overwrite:
+                    refuse_existing_run(self.path)  # again, now under the lock: a run may have finished meanwhile
+                self._move_aside_previous_run()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _move_aside_previous_run(self) -> None:
+        replaced = self.path / REPLACED_RUN
+        if replaced.exists():
+            # Left by a run stopped before its first epoch ended: what lies here is that run's start,
+            # and the run it replaced is still aside; keep that one.
             for name in RUN_FILES:
-                previous = self.path / name
-                if previous.is_dir():
-                    shutil.rmtree(previous)
-                elif previous.exists():
-                    previous.unlink()
+                remove_tree(self.path / name)
+            return
+        present = [name for name in RUN_FILES if (self.path / name).exists()]
+        if present:
+            replaced.mkdir()
+            for name in present:
+                os.replace(self.path / name, replaced / name)
+
+    def drop_replaced_run(self) -> None:
+        remove_tree(self.path / REPLACED_RUN)
+
+    def restore_replaced_run(self) -> None:
+        """Undo the move aside: this run's own files go, the replaced run's come back."""
+        replaced = self.path / REPLACED_RUN
+        if not replaced.is_dir():
+            return
+        for name in RUN_FILES:
+            remove_tree(self.path / name)
+        for moved in replaced.iterdir():
+            os.replace(moved, self.path / moved.name)
+        replaced.rmdir()
+
+    def close(self) -> None:
+        self.lock.release()
 
     def save_config(self, resolved: dict) -> None:
         write_json(self.path / "train_config.json", resolved)

@@ -3,13 +3,12 @@
 The config holds everything needed to rebuild and use the network: the architecture
 name and its constructor arguments, the class names and the input preprocessing.
 The weights file is the network's own state dict, so it also loads into ``get_model(...)``.
-Every file is written to a temporary sibling and renamed, so a reader never sees half of one.
+Every file is written through ``files.write_atomically``, so a reader never sees half of one.
 (``ImageClassifier`` in ``classifier.py`` is the Hub-facing wrapper around this format;
 training checkpoints, for resuming, are in ``checkpoint.py``.)
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -20,23 +19,12 @@ from torchvision.transforms import v2
 
 from cifar_accel import __version__
 from cifar_accel.errors import UserError
+from cifar_accel.files import write_atomically, write_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 NOT_A_SAVED_MODEL = f"a saved model is a folder holding {WEIGHTS_NAME} and {CONFIG_NAME}"
 CONFIG_KEYS = ("architecture", "model_args", "num_classes", "class_names", "mean", "std", "input_size")
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write through a temporary sibling and a rename, so readers never see half a file."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def model_config(
@@ -70,9 +58,8 @@ def on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_model(network: nn.Module, directory: str | Path, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(on_cpu(network.state_dict()), str(temporary), metadata={"format": "pt"})
-    os.replace(temporary, directory / WEIGHTS_NAME)
+    state = on_cpu(network.state_dict())
+    write_atomically(directory / WEIGHTS_NAME, lambda temporary: save_file(state, temporary, metadata={"format": "pt"}))
     write_json(directory / CONFIG_NAME, config)
 
 

@@ -55,8 +55,8 @@ CASES = {
         "argument --optimizer: invalid choice: 'adam' (choose from 'sgd', 'adamw')",
     ),
     "non-numeric learning rate": ("--learning_rate fast", "argument --learning_rate: 'fast' is not a number"),
-    "non-positive learning rate": ("--learning_rate -0.1", "--learning_rate must be positive, got -0.1"),
-    "non-positive batch size": ("--batch_size 0", "--batch_size must be positive, got 0"),
+    "non-positive learning rate": ("--learning_rate -0.1", "--learning_rate must be a positive finite number"),
+    "non-positive batch size": ("--batch_size 0", "--batch_size must be at least 1, got 0"),
     "non-numeric epochs": ("--epochs two", "argument --epochs: 'two' is not a whole number"),
     "too many training samples": ("--max_train_samples 1000", "--max_train_samples 1000 is larger than the split (256"),
     "missing local dataset": ("--dataset /no/such/cifar", "dataset path '/no/such/cifar' does not exist"),
@@ -78,7 +78,7 @@ CASES = {
     ),
     "resume from another architecture": (
         "--model simple_cnn --resume_from_checkpoint {root}/run/checkpoints/step_8",
-        "checkpoint {root}/run/checkpoints/step_8 was trained with model 'bn_cnn', not 'simple_cnn'",
+        'checkpoint {root}/run/checkpoints/step_8 continues a run trained with --model "bn_cnn" (asked: "simple_cnn")',
     ),
     "checkpointing steps not a number": (
         "--checkpointing_steps often",

@@ -31,8 +31,10 @@ def test_flags_are_parsed_into_typed_fields():
             "--milestones",
             "0.3",
             "0.6",
+            "--model",
+            "bn_cnn",
             "--model_args",
-            '{"dropout": 0.1}',
+            '{"conv_dropout": 0.1}',
             "--max_train_samples",
             "100",
             "--mixed_precision",
@@ -40,7 +42,7 @@ def test_flags_are_parsed_into_typed_fields():
         ]
     )
     assert config.learning_rate == 0.1 and config.epochs == 3 and config.nesterov is False
-    assert config.milestones == [0.3, 0.6] and config.model_args == {"dropout": 0.1}
+    assert config.milestones == [0.3, 0.6] and config.model_args == {"conv_dropout": 0.1}
     assert config.max_train_samples == 100 and config.mixed_precision == "bf16"
     assert parse_train_args([]) == TrainConfig()
 
@@ -48,10 +50,28 @@ def test_flags_are_parsed_into_typed_fields():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epochs", "0"], "--epochs must be positive"),
-        (["--learning_rate", "-1"], "--learning_rate must be positive"),
-        (["--batch_size", "0"], "--batch_size must be positive"),
-        (["--warmup_fraction", "1.5"], "--warmup_fraction must be between 0 and 1"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--learning_rate", "-1"], "--learning_rate must be a positive finite number, got -1.0"),
+        (["--learning_rate", "inf"], "--learning_rate must be a positive finite number, got inf"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive finite number, got nan"),
+        (["--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--warmup_fraction", "1.5"], "--warmup_fraction must be in \\[0, 1\\], got 1.5"),
+        (["--seed", "-1"], "--seed must be in \\[0, 2\\^32\\), got -1"),
+        (["--seed", str(2**32)], "--seed must be in \\[0, 2\\^32\\)"),
+        (["--momentum", "1"], "--momentum must be in \\[0, 1\\), got 1.0"),
+        (["--label_smoothing", "2"], "--label_smoothing must be in \\[0, 1\\), got 2.0"),
+        (["--crop_padding", "32"], "--crop_padding must be 0 to 31 \\(less than the image side\\), got 32"),
+        (["--cutout", "40"], "--cutout must be 0 to 31 \\(smaller than the image\\), got 40"),
+        (["--gamma", "-0.1"], "--gamma must be a positive finite number, got -0.1"),
+        (["--milestones", "0.8", "0.5"], "--milestones must be increasing fractions of training in \\(0, 1\\)"),
+        (["--milestones", "1.5"], "--milestones must be increasing fractions"),
+        (["--num_workers", "1000"], "--num_workers must be 0 to 64, got 1000"),
+        (["--weight_decay", "-1"], "--weight_decay must be zero or a positive finite number"),
+        (["--model_args", '{"widths": 5}'], "model 'resnet9' does not take widths"),
+        (["--model", "bn_cnn", "--model_args", '{"conv_dropout": 2}'], "--model_args .*bn_cnn cannot be built"),
+        (["--dataset", ""], "--dataset must name a Hub dataset or a folder"),
+        (["--output_dir", "/proc/version"], "--output_dir /proc/version is a file; give a folder"),
+        (["--output_dir", "/proc/version/run"], "--output_dir /proc/version/run cannot be created: /proc/version is a"),
     ],
 )
 def test_impossible_values_are_rejected_with_the_flag_name(argv, message):
@@ -111,6 +131,12 @@ def test_every_shipped_recipe_is_complete_and_valid():
         ("epochs: [1, 2\n", "is not valid YAML"),
         ("- just a list\n", "must be a mapping"),
         ("epochs: many\n", "recipe setting epochs: 'many' is not a valid int"),
+        ("epochs: 2.5\n", "recipe setting epochs: 2.5 is not a valid int"),
+        ("nesterov: 1\n", "recipe setting nesterov: 1 is not a valid bool"),
+        ("learning_rate: true\n", "recipe setting learning_rate: True is not a valid float"),
+        ("learning_rate: .nan\n", "--learning_rate must be a positive finite number, got nan"),
+        ("model_args: [1, 2]\n", "--model_args must be a JSON object, got \\[1, 2\\]"),
+        ("milestones: 0.5\n", "recipe setting milestones: 0.5 is not a valid list"),
     ],
 )
 def test_a_bad_recipe_file_is_a_clear_error(tmp_path, content, message):

@@ -16,6 +16,8 @@ import torch
 from conftest import REPO_ROOT, accelerate_launch, run_command
 from safetensors.torch import load_file
 
+from cifar_accel.checkpoint import write_manifest
+
 FAKE_TOKEN = "hf_cifarAccelFakeToken0123456789"
 VARIANTS = {
     "torch loader, 2 workers": "--model bn_cnn --batch_size 32 --learning_rate 0.05 --label_smoothing 0 "
@@ -160,6 +162,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(refer
     shutil.copytree(reference_runs[variant][0], run_dir)
     checkpoint = run_dir / "checkpoints" / "step_10"
     torch.save({"state": _WritesAFileWhenUnpickled(marker)}, checkpoint / "optimizer.bin")
+    write_manifest(checkpoint)  # as a forger would: the manifest guards against accidents, not attackers
     result = run_command(
         [*train_command(colour_dataset, run_dir, variant), "--resume_from_checkpoint", str(checkpoint)]
     )

@@ -7,7 +7,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cifar_accel.engine import evaluate
+from cifar_accel.loop import evaluate
 from cifar_accel.scoring import load_top_k_accuracy, score_predictions
 
 

@@ -1,0 +1,129 @@
+"""Files a run writes: whole or not at all, one run per folder, and the system's refusals in one line.
+
+Every writer here goes through a temporary sibling and a rename, so a reader (or a run killed
+mid-write) never leaves half a file under the real name, and a failed write leaves no temporary.
+"""
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from cifar_accel.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary)`` then rename to ``path``; the temporary is removed if anything fails."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except Exception as error:
+        raise as_os_error(error, path) from error
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def as_os_error(error: Exception, path: str | Path) -> Exception:
+    """The ``OSError`` behind a failed write by safetensors or ``torch.save``, which report a full
+    disk in their own words ("os error 28", "unexpected pos"); other errors are returned as they are."""
+    if isinstance(error, OSError):
+        return error
+    code = re.search(r"os error (\d+)", str(error))
+    if code:
+        return OSError(int(code[1]), os.strerror(int(code[1])), str(path))
+    folder = Path(path)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    usage = os.statvfs(folder)
+    if usage.f_bavail * usage.f_frsize < 2**20:  # the write failed with less than 1 MiB left: the disk is full
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return error
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def describe_os_error(error: OSError) -> str:
+    """``PATH: reason`` for what the operating system refused (disk full, permission, read-only...)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    return f"{error.filename}: {reason}" if error.filename else reason
+
+
+def check_writable_folder(folder: str | Path, flag: str) -> None:
+    """Refuse, without creating anything, a folder that cannot be created or written."""
+    folder = Path(folder)
+    if not str(folder).strip():
+        raise UserError(f"{flag} must name a folder, got an empty string")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():
+            raise UserError(f"{flag} {folder}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == folder else f"cannot be created: {existing} is a file"
+        raise UserError(f"{flag} {folder} {what}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        raise UserError(f"{flag} {folder} {problem}{' (read-only file system)' if read_only else ''}")
+
+
+class FolderLock:
+    """An exclusive lock on a run folder, so that two runs never write the same files.
+
+    ``flock`` is released by the kernel when the holder dies, so a killed run never leaves a
+    stale lock; the lock file only says who holds it, for the refusal message.
+    """
+
+    def __init__(self, folder: str | Path, flag: str = "--output_dir"):
+        self.folder, self.flag = Path(folder), flag
+        self._file = None
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(
+                f"{self.flag} {self.folder} is in use by another run ({holder}); wait for it to end, "
+                f"or choose another {self.flag}"
+            ) from None
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder if present; a half-removed one is never left in the way of a retry."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

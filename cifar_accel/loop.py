@@ -1,0 +1,155 @@
+"""The pieces of an epoch that ``engine.train`` puts together: the training steps, the evaluation,
+the watch for a diverging loss, and the clocks behind ``results.json``'s timing.
+
+None of them synchronises host and device inside a step; they run unchanged on any process count.
+"""
+
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from cifar_accel.errors import UserError
+from cifar_accel.tricks import tta_logits
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loader, accelerator: Accelerator, tta_level: int = 0, keep_predictions: bool = False
+) -> dict:
+    """Loss, top-1, top-3 and top-5 over every example of ``loader`` exactly once, on all processes.
+
+    ``keep_predictions`` adds ``labels`` and ``ranked_predictions`` (the five most likely class ids
+    per example, best first), gathered from all processes, for ``scoring.score_predictions``.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, top-1, top-3, top-5 sums
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    count = 0
+    for images, labels in loader:
+        logits = tta_logits(model, images, tta_level).float()
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = ranked == labels[:, None]
+        # gather_for_metrics drops the duplicates that pad the last batch across processes.
+        extra = (labels, ranked) if keep_predictions else ()
+        losses, top1, top3, top5, *extra = accelerator.gather_for_metrics(
+            (losses, hits[:, 0], hits[:, :3].any(dim=1), hits.any(dim=1), *extra)
+        )
+        totals += torch.stack([losses.sum(), top1.sum(), top3.sum(), top5.sum()]).double()
+        count += len(losses)
+        if keep_predictions:
+            kept.append(tuple(extra))
+    loss, top1, top3, top5 = (totals / max(count, 1)).tolist()
+    metrics = {"loss": loss, "top1": top1, "top3": top3, "top5": top5, "n": count}
+    if keep_predictions:
+        metrics["labels"] = torch.cat([labels for labels, _ in kept]).cpu()
+        metrics["ranked_predictions"] = torch.cat([ranked for _, ranked in kept]).cpu()
+    return metrics
+
+
+def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals, lookahead=None):
+    """Train on each batch, yielding its loss after the step so the caller can log, save or stop.
+
+    ``totals`` (loss sum, correct, examples) is summed on the device: no host sync in the step.
+    """
+    model.train()
+    for images, labels in batches:
+        with accelerator.accumulate(model):
+            logits = model(images)
+            loss = criterion(logits, labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if lookahead is not None and accelerator.sync_gradients:
+            lookahead.step()
+        totals[0] += loss.detach().double() * len(labels)
+        totals[1] += (logits.argmax(dim=1) == labels).sum()
+        totals[2] += len(labels)
+        yield loss.detach()
+
+
+class NonFiniteLossWatch:
+    """Notes on the device, without a host sync, the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device):
+        self.first_step = torch.zeros((), dtype=torch.int64, device=device)
+
+    def observe(self, loss: torch.Tensor, step: int) -> None:
+        self.first_step = torch.where((self.first_step == 0) & ~torch.isfinite(loss), step, self.first_step)
+
+    def check(self, accelerator: Accelerator, steps_per_epoch: int) -> None:
+        """Raise, on every process alike, if any process saw a non-finite loss."""
+        steps = accelerator.gather(self.first_step.reshape(1))
+        steps = steps[steps > 0]
+        if len(steps):
+            step = int(steps.min()) - 1
+            raise UserError(
+                f"training loss became nan or inf at epoch {step // steps_per_epoch + 1}, step "
+                f"{step % steps_per_epoch + 1}; the last checkpoint is kept; lower --learning_rate, "
+                "or use --mixed_precision no"
+            )
+
+
+class DataWaitClock:
+    """Host seconds the loop stood waiting for its next training batch; the rest of an epoch is compute.
+
+    On a GPU the host runs ahead of the device, so "compute" also holds the waits at host syncs.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, batches):
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            batch = next(iterator, None)
+            self.seconds += time.perf_counter() - asked
+            if batch is None:
+                return
+            yield batch
+
+
+def peak_memory_megabytes(accelerator: Accelerator) -> dict:
+    """The largest peak over processes: resident host memory of the training process (DataLoader
+    workers not included) and tensor memory allocated on the GPU (None without one)."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    on_gpu = accelerator.device.type == "cuda"
+    device = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if on_gpu else 0.0
+    peaks = accelerator.gather(torch.tensor([[host, device]], dtype=torch.float64, device=accelerator.device))
+    host, device = peaks.amax(dim=0).tolist()
+    return {"peak_host_memory_mb": round(host, 1), "peak_device_memory_mb": round(device, 1) if on_gpu else None}
+
+
+def timing_summary(
+    records: list[dict], start_time: float, data_ready_time: float, trained_time: float, resumed: bool
+) -> dict:
+    """``results.json``'s timing: the run, its phases summed over epochs, and each epoch's seconds.
+
+    ``speed_run_seconds`` runs from data loaded to the last evaluation (TTA included), as speed records count.
+    After a resume, the epochs' figures cover every epoch; the first three only the last process.
+    """
+
+    def total(name: str) -> float:  # records of a checkpoint written by an older version may lack a field
+        return sum(record.get(name, 0.0) for record in records)
+
+    train_seconds = total("train_seconds")
+    return {
+        "total_seconds": time.perf_counter() - start_time,
+        "data_loading_seconds": data_ready_time - start_time,
+        "speed_run_seconds": trained_time - data_ready_time,
+        "epoch_seconds": [record["seconds"] for record in records],
+        "train_seconds": train_seconds,
+        "data_wait_seconds": total("data_wait_seconds"),
+        "compute_seconds": total("compute_seconds"),
+        "eval_seconds": total("eval_seconds"),
+        # images timed = rate x time: an epoch resumed mid-way timed only the images after the resume
+        "images_per_second": sum(r["images_per_second"] * r.get("train_seconds", 0.0) for r in records) / train_seconds,
+        "resumed": resumed,
+    }

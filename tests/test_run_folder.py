@@ -1,0 +1,178 @@
+"""The run folder from outside: an overwrite never loses the previous run too early, a resume is the
+same run whatever flags it is given, one run per folder, and the operating system's refusals
+(a full disk, a read-only folder) are one line that leaves nothing half-written."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, accelerate_launch, run_command
+
+from cifar_accel import engine
+from cifar_accel.config import parse_train_args
+from cifar_accel.errors import StoppedBySignal, UserError
+
+FLAGS = "--model bn_cnn --epochs 1 --batch_size 64 --num_workers 0 --learning_rate 0.05 --label_smoothing 0"
+
+
+def train_flags(dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--dataset", str(dataset), "--output_dir", str(output_dir), *FLAGS.split(), *extra]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file's bytes, except the lock (it names its latest holder)."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != ".lock"
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(colour_dataset, tmp_path_factory) -> Path:
+    """One epoch, with a checkpoint at its end; copied by the tests that change it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    engine.train(parse_train_args(train_flags(colour_dataset, run_dir, "--checkpointing_steps", "epoch")))
+    return run_dir
+
+
+def test_an_overwrite_that_fails_at_its_first_step_gives_the_previous_run_back(finished_run, colour_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = files_of(run_dir)
+    diverging = ("--overwrite_output_dir", "--learning_rate", "1e30", "--warmup_fraction", "0")
+    with pytest.raises(UserError, match="training loss became nan or inf at epoch 1, step 1"):
+        engine.train(parse_train_args(train_flags(colour_dataset, run_dir, *diverging)))
+    assert files_of(run_dir) == before and not (run_dir / ".replaced_run").exists()
+
+
+def test_an_overwrite_stopped_in_its_first_epoch_keeps_the_previous_run_until_it_finishes_one(
+    finished_run, colour_dataset, tmp_path, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = files_of(run_dir)
+    real_train_steps = engine.train_steps
+
+    def stopped_at_first_step(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # noted; the loop stops after the first step
+        return real_train_steps(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_steps", stopped_at_first_step)
+    with pytest.raises(StoppedBySignal):
+        engine.train(parse_train_args(train_flags(colour_dataset, run_dir, "--overwrite_output_dir", "--seed", "1")))
+    assert f"the run this one replaces is kept in {run_dir / '.replaced_run'}" in capsys.readouterr().err
+    assert files_of(run_dir / ".replaced_run") == before
+    monkeypatch.undo()
+    engine.train(parse_train_args(["--output_dir", str(run_dir), "--resume_from_checkpoint", "latest"]))
+    assert not (run_dir / ".replaced_run").exists()
+    assert json.loads((run_dir / "train_config.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "differences"),
+    [
+        ("--batch_size 32", "--batch_size 64 (asked: 32)"),
+        ("--epochs 3 --learning_rate 0.1", "--epochs 1 (asked: 3); --learning_rate 0.05 (asked: 0.1)"),
+        ("--max_train_samples 128", "--max_train_samples null (asked: 128)"),
+        ("--mixed_precision bf16", '--mixed_precision "no" (asked: "bf16")'),
+        ("--recipe bn_cnn", '--recipe null (asked: "bn_cnn")'),  # and every setting the recipe changes
+    ],
+)
+def test_a_resume_refuses_each_setting_that_would_change_the_run(finished_run, flags, differences):
+    argv = ["--output_dir", str(finished_run), "--resume_from_checkpoint", "latest", *flags.split()]
+    with pytest.raises(UserError) as refused:
+        parse_train_args(argv)
+    assert str(refused.value).startswith(f"checkpoint {finished_run}/checkpoints/step_4 continues a run trained with")
+    assert differences in str(refused.value)
+    assert str(refused.value).endswith("a resume restores every setting, so drop these flags, or start a new run "
+                                       "in another --output_dir")  # fmt: skip
+
+
+def test_a_resume_restores_every_setting_and_allows_what_does_not_change_the_result(finished_run, colour_dataset):
+    saved = json.loads((finished_run / "train_config.json").read_text())
+    checkpoint = finished_run / "checkpoints" / "step_4"
+    restored = parse_train_args(["--resume_from_checkpoint", str(checkpoint)]).to_dict()  # no --output_dir either
+    assert restored == {**{name: saved[name] for name in restored}, "resume_from_checkpoint": str(checkpoint)}
+    allowed = "--num_workers 1 --report_to tensorboard --checkpointing_steps 2 --checkpoints_total_limit 1"
+    changed = parse_train_args(["--resume_from_checkpoint", str(checkpoint), *allowed.split(), *FLAGS.split()])
+    assert (changed.num_workers, changed.report_to, changed.checkpointing_steps) == (1, "tensorboard", "2")
+    assert changed.output_dir == str(finished_run) and changed.dataset == str(colour_dataset)
+
+
+def test_a_checkpoint_of_one_process_is_refused_under_two_with_the_command_that_resumes_it(finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = files_of(run_dir)
+    launch = ("--multi_gpu", "--num_processes", "2", "--main_process_port", "29671", "--mixed_precision", "no")
+    result = run_command(accelerate_launch(*launch, "train.py", "--output_dir", str(run_dir),
+                                           "--resume_from_checkpoint", "latest"))  # fmt: skip
+    checkpoint = run_dir / "checkpoints" / "step_4"
+    expected = (
+        f"error: checkpoint {checkpoint} was trained by 1 process(es), not 2; "
+        f"resume with: python train.py --resume_from_checkpoint {checkpoint}"
+    )
+    assert expected in result.stderr.splitlines(), result.stderr[-3000:]
+    assert files_of(run_dir) == before
+
+
+def test_two_runs_on_one_folder_the_second_is_refused_naming_the_first(colour_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    first_command = [sys.executable, "train.py", *train_flags(colour_dataset, run_dir, "--epochs", "2")]
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(first_command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "train_config.json").exists():
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # paused, holding the folder, while the others try
+    for extra in ((), ("--overwrite_output_dir",)):
+        second = run_command([sys.executable, "train.py", *train_flags(colour_dataset, run_dir, *extra)])
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert (
+            second.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"error: --output_dir {run_dir} is in use by another run (pid {first.pid} on ")
+        ), second.stderr[-3000:]
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2  # the first run, untouched
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs: room for the run's records, not for its 23 MB model; skipped where mounting is not allowed."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not permitted'})")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(colour_dataset, small_disk):
+    run_dir = small_disk / "run"
+    command = [sys.executable, "train.py", *train_flags(colour_dataset, run_dir, "--checkpointing_steps", "1")]
+    result = run_command(command)
+    assert result.returncode == 74, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run_dir}/") and last.endswith(": No space left on device"), last
+    assert "Traceback" not in result.stderr
+    leftovers = [path.name for path in small_disk.rglob("*") if ".tmp" in path.name or "incomplete" in path.name]
+    assert leftovers == []
+
+
+def test_a_read_only_or_file_output_folder_is_refused_before_anything_runs(colour_dataset, small_disk, tmp_path):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    result = run_command([sys.executable, "train.py", *train_flags(colour_dataset, small_disk / "run")])
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: --output_dir {small_disk}/run cannot be created: {small_disk} is not writable (read-only file system)"
+    )
