@@ -42,7 +42,7 @@ from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.errors import StoppedBySignal, UserError
-from cifar_accel.files import describe_os_error
+from cifar_accel.files import FolderLock, describe_os_error
 from cifar_accel.hub import push_run
 from cifar_accel.loop import (
     DataWaitClock,
@@ -255,6 +255,7 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     the output folder is taken last, once a signal no longer stops the run at once."""
     resume_from, skipped = None, []
     architecture = {"model": config.model, "model_args": config.model_args}
+    FolderLock(config.output_dir).refuse_if_held()
     if config.resume_from_checkpoint:
         resume_from, skipped = find_checkpoint(config.resume_from_checkpoint, config.output_dir)
         check_architecture(resume_from, architecture)

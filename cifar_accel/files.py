@@ -94,11 +94,30 @@ class FolderLock:
         self.folder, self.flag = Path(folder), flag
         self._file = None
 
+    def refuse_if_held(self) -> None:
+        """Refuse now, writing nothing, if a live run holds the folder."""
+        try:
+            handle = open(self.folder / LOCK_NAME)
+        except OSError:  # no lock file: no run has held this folder
+            return
+        with handle:
+            self._take(handle, fcntl.LOCK_SH)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         handle = open(self.folder / LOCK_NAME, "a+")
+        self._take(handle, fcntl.LOCK_EX)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        handle.flush()
+        self._file = handle
+
+    def _take(self, handle, kind: int) -> None:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, kind | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
@@ -107,12 +126,6 @@ class FolderLock:
                 f"{self.flag} {self.folder} is in use by another run ({holder}); wait for it to end, "
                 f"or choose another {self.flag}"
             ) from None
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        handle.flush()
-        self._file = handle
 
     def release(self) -> None:
         if self._file is not None:
