@@ -55,6 +55,7 @@ from cifar_accel.loop import (
 from cifar_accel.models import get_model
 from cifar_accel.optim import build_optimizer, build_scheduler
 from cifar_accel.reporting import (
+    REPLACED_RUN,
     RunFolder,
     format_epoch_line,
     numeric_values,
@@ -186,10 +187,11 @@ class Run:
         replaced; one stopped with a checkpoint keeps that run aside until it finishes an epoch."""
         if self.folder is None or self.resume_from or self.progress.epoch > 1:
             return
-        if self.checkpoint_saved:
-            print(f"the run this one replaces is kept in {self.folder.path / '.replaced_run'} until this "
-                  "one finishes its first epoch", file=sys.stderr)  # fmt: skip
-        elif not isinstance(error, StoppedBySignal):
+        replaced = self.folder.path / REPLACED_RUN
+        if self.checkpoint_saved and replaced.exists():
+            print(f"the run this one replaces is kept in {replaced} until this one finishes its first epoch",
+                  file=sys.stderr)  # fmt: skip
+        elif not self.checkpoint_saved:
             self.folder.restore_replaced_run()
 
 
