@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from cifar_accel.errors import UserError
 from cifar_accel.hub import download_model_files, looks_like_local_path
+from cifar_accel.images import to_rgb
 from cifar_accel.models import get_model
 from cifar_accel.saved_model import load_weights, model_config, preprocessing, read_model_config, save_model
 
@@ -89,7 +90,7 @@ class ImageClassifier(
     def _to_uint8_tensor(self, image: ImageInput) -> torch.Tensor:
         """One image as a ``3 x H x W`` tensor of the model's input size."""
         if isinstance(image, Image.Image):
-            tensor = v2.functional.pil_to_tensor(image.convert("RGB"))
+            tensor = v2.functional.pil_to_tensor(to_rgb(image, "an image passed to predict"))  # as training reads it
         elif isinstance(image, np.ndarray):
             array = image[:, :, None] if image.ndim == 2 else image
             tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)

@@ -5,7 +5,6 @@ and normalisation statistics; ``make_dataloader`` wraps one split in a ``DataLoa
 torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 """
 
-import io
 import os
 import signal
 import socket
@@ -17,7 +16,6 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
-from PIL import Image as PILImage
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
@@ -25,6 +23,7 @@ from torchvision.transforms import v2
 from cifar_accel.config import TrainConfig
 from cifar_accel.errors import UserError
 from cifar_accel.hub import looks_like_local_path
+from cifar_accel.images import DECODING_VERSION, open_image, to_rgb
 from cifar_accel.saved_model import preprocessing
 
 IMAGE_COLUMNS = ("img", "image")
@@ -74,6 +73,10 @@ def load_dataset_dict(name: str) -> DatasetDict:
     """Open a Hub id, a local copy in the Hub layout, or a local image folder."""
     from huggingface_hub import constants
 
+    from cifar_accel.redaction import redact, redact_log_records
+
+    redact_log_records()  # the Hub client's warnings name the URLs it retries
+
     path = os.path.expanduser(name)
     if os.path.exists(path):
         try:
@@ -91,7 +94,7 @@ def load_dataset_dict(name: str) -> DatasetDict:
     except ConnectionError:
         raise UserError((NOT_CACHED if offline else HUB_UNREACHABLE).format(name=name)) from None
     except FileNotFoundError as error:  # DatasetNotFoundError is a FileNotFoundError
-        raise UserError(f"dataset {name!r} not found on the Hub or on disk ({error})") from None
+        raise UserError(redact(f"dataset {name!r} not found on the Hub or on disk ({error})")) from None
 
 
 def detect_column(dataset: Dataset, requested: str | None, candidates: tuple[str, ...], kind: str) -> str:
@@ -107,6 +110,17 @@ def detect_column(dataset: Dataset, requested: str | None, candidates: tuple[str
         f"no {kind} column found (looked for {', '.join(candidates)}); columns present: {', '.join(columns)}; "
         f"name it with --{kind}_column"
     )
+
+
+def image_column_of(dataset: Dataset, requested: str | None) -> str:
+    """The image column, which must hold images (``datasets.Image``), not numbers or text."""
+    column = detect_column(dataset, requested, IMAGE_COLUMNS, "image")
+    if not isinstance(dataset.features[column], Image):
+        raise UserError(
+            f"image column {column!r} holds {dataset.features[column]}, not images; name the image column "
+            "with --image_column"
+        )
+    return column
 
 
 def _get_split(splits: DatasetDict, name: str) -> Dataset:
@@ -125,6 +139,12 @@ def _first(dataset: Dataset, count: int | None, flag: str) -> Dataset:
 
 def check_labels(split: Dataset, label_column: str, num_classes: int, split_name: str) -> None:
     """Every label must index a class: an out-of-range one would fail deep inside the loss."""
+    missing = np.flatnonzero(split.with_format("arrow")[label_column].is_null().to_numpy())
+    if len(missing):
+        raise UserError(
+            f"the label in row {int(missing[0])} of split {split_name!r} is missing (null) ({len(missing)} such rows); "
+            f"every row of column {label_column!r} needs a label from 0 to {num_classes - 1}"
+        )
     labels = np.asarray(split.with_format("numpy")[label_column])
     outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(outside):
@@ -146,7 +166,7 @@ def load_data(config: TrainConfig) -> DataBundle:
     """Everything ``train`` needs from the dataset, validated with clear errors."""
     splits = load_dataset_dict(config.dataset)
     train = _get_split(splits, config.train_split)
-    image_column = detect_column(train, config.image_column, IMAGE_COLUMNS, "image")
+    image_column = image_column_of(train, config.image_column)
     label_column = detect_column(train, config.label_column, LABEL_COLUMNS, "label")
     label_feature = train.features[label_column]
     if not isinstance(label_feature, ClassLabel):
@@ -164,9 +184,15 @@ def load_data(config: TrainConfig) -> DataBundle:
             raise UserError(
                 f"--validation_size {config.validation_size} leaves no training data ({len(train)} examples)"
             )
-        parts = train.train_test_split(
-            test_size=config.validation_size, stratify_by_column=label_column, seed=config.seed
-        )
+        try:
+            parts = train.train_test_split(
+                test_size=config.validation_size, stratify_by_column=label_column, seed=config.seed
+            )
+        except ValueError as error:  # a stratified split needs every class on both sides
+            raise UserError(
+                f"--validation_size {config.validation_size}: cannot hold out a sample stratified by class from "
+                f"{len(train)} examples ({str(error).splitlines()[0]})"
+            ) from None
         train, evaluation, selection_split, held_out_test = parts["train"], parts["test"], "validation", test
 
     mean, std = compute_mean_std(decode_split(train, image_column, label_column)[0])
@@ -188,7 +214,7 @@ def load_evaluation_data(
 ) -> DataBundle:
     """One split to evaluate a saved model on, normalised as the model was trained."""
     examples = _get_split(load_dataset_dict(dataset), split)
-    image_column = detect_column(examples, image_column, IMAGE_COLUMNS, "image")
+    image_column = image_column_of(examples, image_column)
     label_column = detect_column(examples, label_column, LABEL_COLUMNS, "label")
     examples = _first(examples, max_samples, "--max_eval_samples")
     label_feature = examples.features[label_column]
@@ -212,38 +238,52 @@ def cache_directory() -> Path:
     return Path(os.environ.get("CIFAR_ACCEL_CACHE", Path.home() / ".cache" / "cifar_accel"))
 
 
-def _decode(encoded: dict, row: int) -> np.ndarray:
-    source = io.BytesIO(encoded["bytes"]) if encoded.get("bytes") is not None else encoded["path"]
-    try:
-        with PILImage.open(source) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken or unknown files
-        raise UserError(f"the image in row {row} cannot be decoded ({error}); fix or drop that row") from None
-    if pixels.shape[:2] != (32, 32):
-        raise UserError(f"images must be 32x32 pixels; row {row} is {pixels.shape[1]}x{pixels.shape[0]}")
-    return pixels
+def _decode(encoded: dict | None, where: str) -> np.ndarray:
+    if encoded is None or (encoded.get("bytes") is None and encoded.get("path") is None):
+        raise UserError(f"{where} is missing (null); fix or drop that row")
+    with open_image(encoded["bytes"] if encoded.get("bytes") is not None else encoded["path"], where) as image:
+        if image.size != (32, 32):  # from the header alone: a huge image is refused without decoding it
+            raise UserError(f"images must be 32x32 pixels; {where} is {image.width}x{image.height}")
+        return np.asarray(to_rgb(image, where))
 
 
-def decode_split(dataset: Dataset, image_column: str, label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache."""
-    path = cache_directory() / f"{dataset._fingerprint}-{image_column}-{label_column}.safetensors"
+def decode_split(
+    dataset: Dataset, image_column: str, label_column: str, split_name: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache.
+
+    ``split_name`` is only for messages: a row that cannot be read is refused naming the row and split.
+    """
+    path = cache_directory() / (
+        f"{dataset._fingerprint}-{image_column}-{label_column}-rgb{DECODING_VERSION}.safetensors"
+    )
     if path.is_file():
         tensors = load_file(str(path))
         return tensors["images"], tensors["labels"]
     raw = dataset.cast_column(image_column, Image(decode=False)).select_columns([image_column, label_column])
+    # Rows are named as in the split the user has (before a shuffled hold-out or selection reordered them).
+    source_rows = dataset._indices.column(0).to_numpy() if dataset._indices is not None else None
+    of_split = f" of split {split_name!r}" if split_name else ""
     images, labels = [], []
     for batch in raw.iter(batch_size=1000):
-        for encoded in batch[image_column]:
-            images.append(_decode(encoded, row=len(images)))
-        labels.extend(batch[label_column])
+        for encoded, label in zip(batch[image_column], batch[label_column], strict=True):
+            index = len(images)
+            row = int(source_rows[index]) if source_rows is not None else index
+            if label is None:
+                raise UserError(f"the label in row {row}{of_split} is missing (null); fix or drop that row")
+            images.append(_decode(encoded, f"the image in row {row}{of_split}"))
+            labels.append(label)
     tensors = {
         "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-    save_file(tensors, str(temporary))
-    os.replace(temporary, path)  # readers never see half a cache file
+    try:
+        save_file(tensors, str(temporary))
+        os.replace(temporary, path)  # readers never see half a cache file
+    finally:
+        temporary.unlink(missing_ok=True)  # an interrupted or failed save leaves nothing behind
     return tensors["images"], tensors["labels"]
 
 
