@@ -8,6 +8,7 @@ torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 import os
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from torchvision.transforms import v2
 
 from cifar_accel.config import TrainConfig
 from cifar_accel.errors import UserError
+from cifar_accel.files import describe_os_error, write_atomically
 from cifar_accel.hub import looks_like_local_path
 from cifar_accel.images import DECODING_VERSION, open_image, to_rgb
 from cifar_accel.saved_model import preprocessing
@@ -195,7 +197,11 @@ def load_data(config: TrainConfig) -> DataBundle:
             ) from None
         train, evaluation, selection_split, held_out_test = parts["train"], parts["test"], "validation", test
 
-    mean, std = compute_mean_std(decode_split(train, image_column, label_column)[0])
+    named_splits = [(train, config.train_split), (evaluation, selection_split)]
+    if held_out_test is not None:
+        named_splits.append((held_out_test, config.eval_split))
+    (train_images, _), *_ = decode_splits(named_splits, image_column, label_column)
+    mean, std = compute_mean_std(train_images)
     return DataBundle(
         train=train,
         evaluation=evaluation,
@@ -250,16 +256,41 @@ def _decode(encoded: dict | None, where: str) -> np.ndarray:
 def decode_split(
     dataset: Dataset, image_column: str, label_column: str, split_name: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache.
+    """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache."""
+    return decode_splits([(dataset, split_name)], image_column, label_column)[0]
 
-    ``split_name`` is only for messages: a row that cannot be read is refused naming the row and split.
-    """
-    path = cache_directory() / (
-        f"{dataset._fingerprint}-{image_column}-{label_column}-rgb{DECODING_VERSION}.safetensors"
-    )
-    if path.is_file():
-        tensors = load_file(str(path))
-        return tensors["images"], tensors["labels"]
+
+_UNCACHED: list[Path] = []  # cache files that could not be written; the note is printed once
+
+
+def decode_splits(
+    splits: list[tuple[Dataset, str]], image_column: str, label_column: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each ``(split, its name)`` decoded, every one before any is cached: a row refused in the last
+    leaves no cache file of the first behind. The name is only for messages."""
+    decoded, to_cache = [], []
+    for dataset, split_name in splits:
+        path = cache_directory() / (
+            f"{dataset._fingerprint}-{image_column}-{label_column}-rgb{DECODING_VERSION}.safetensors"
+        )
+        if path.is_file():
+            tensors = load_file(str(path))
+        else:
+            tensors = _decode_rows(dataset, image_column, label_column, split_name)
+            to_cache.append((path, tensors))
+        decoded.append((tensors["images"], tensors["labels"]))
+    for path, tensors in to_cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, lambda temporary, tensors=tensors: save_file(tensors, str(temporary)))
+        except OSError as error:  # a cache that cannot be written costs time next run, not this run
+            if not _UNCACHED:
+                print(f"note: decoded images are not cached ({describe_os_error(error)})", file=sys.stderr)
+            _UNCACHED.append(path)
+    return decoded
+
+
+def _decode_rows(dataset: Dataset, image_column: str, label_column: str, split_name: str) -> dict[str, torch.Tensor]:
     raw = dataset.cast_column(image_column, Image(decode=False)).select_columns([image_column, label_column])
     # Rows are named as in the split the user has (before a shuffled hold-out or selection reordered them).
     source_rows = dataset._indices.column(0).to_numpy() if dataset._indices is not None else None
@@ -273,18 +304,10 @@ def decode_split(
                 raise UserError(f"the label in row {row}{of_split} is missing (null); fix or drop that row")
             images.append(_decode(encoded, f"the image in row {row}{of_split}"))
             labels.append(label)
-    tensors = {
+    return {
         "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(temporary))
-        os.replace(temporary, path)  # readers never see half a cache file
-    finally:
-        temporary.unlink(missing_ok=True)  # an interrupted or failed save leaves nothing behind
-    return tensors["images"], tensors["labels"]
 
 
 def reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:

@@ -300,9 +300,21 @@ def stored(encoded: bytes | None) -> dict:
 
 # case: (split, column, row, the value written there, the message)
 BAD_ROWS = {
-    "undecodable": ("train", "img", 1, stored(b"not an image"), "the image in row 1 cannot be decoded"),
-    "null image": ("train", "img", 4, None, r"the image in row 4 is missing \(null\)"),
-    "image with neither bytes nor path": ("train", "img", 2, stored(None), r"the image in row 2 is missing \(null\)"),
+    "undecodable": (
+        "train",
+        "img",
+        1,
+        stored(b"not an image"),
+        "the image in row 1 of split 'train' cannot be decoded",
+    ),
+    "null image": ("train", "img", 4, None, r"the image in row 4 of split 'train' is missing \(null\)"),
+    "image with neither bytes nor path": (
+        "train",
+        "img",
+        2,
+        stored(None),
+        r"the image in row 2 of split 'train' is missing \(null\)",
+    ),
     "null label": ("train", "label", 5, None, r"the label in row 5 of split 'train' is missing \(null\) \(1 such"),
     "null label in the eval split": ("test", "label", 2, None, r"the label in row 2 of split 'test' is missing"),
     "mode I beyond 16 bits": (
@@ -310,18 +322,30 @@ BAD_ROWS = {
         "img",
         3,
         stored(encode(Image.fromarray(GREY16.astype(np.int32) * 2), "TIFF")),
-        r"the image in row 3 is mode I \(32-bit integers\) with values from 0 to 131070",
+        r"the image in row 3 of split 'train' is mode I \(32-bit integers\) with values from 0 to 131070",
     ),
     "mode F beyond 1": (
         "train",
         "img",
         6,
         stored(encode(Image.fromarray(GREY.astype(np.float32)), "TIFF")),
-        r"the image in row 6 is mode F \(32-bit floats\) with values from 0 to 255",
+        r"the image in row 6 of split 'train' is mode F \(32-bit floats\) with values from 0 to 255",
     ),
-    "decompression bomb": ("train", "img", 7, stored(BOMB), "the image in row 7 is refused as a possible"),
+    "decompression bomb": (
+        "train",
+        "img",
+        7,
+        stored(BOMB),
+        "the image in row 7 of split 'train' is refused as a possible",
+    ),
     # Refused from its header: decoding the (missing) pixels would say "cannot be decoded" instead.
-    "not 32x32": ("train", "img", 2, stored(NOT_32), r"images must be 32x32 pixels; the image in row 2 is 5000x5000$"),
+    "not 32x32": (
+        "train",
+        "img",
+        2,
+        stored(NOT_32),
+        r"images must be 32x32 pixels; the image in row 2 of split 'train' is 5000x5000$",
+    ),
 }
 
 
