@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -123,6 +124,10 @@ class TrainConfig:
     push_to_hub: bool = _option(False, "at the end, push the best model, its card and the run's records to the Hub")
     hub_model_id: str | None = _option(None, "USER/NAME of the Hub model repo for --push_to_hub")
     hub_private_repo: bool = _option(False, "create the Hub repo as private")
+
+    def __post_init__(self):
+        if isinstance(self.output_dir, str):  # '--output_dir=~/runs' reaches us unexpanded by the shell
+            self.output_dir = os.path.expanduser(self.output_dir)
 
     def validate(self) -> None:
         """Reject values that cannot work or make no sense, naming the flag and what is valid.

@@ -41,6 +41,7 @@ from cifar_accel.checkpoint import (
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
+from cifar_accel.distributed import process_group_deadline
 from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.files import FolderLock, describe_os_error
 from cifar_accel.hub import push_run
@@ -80,15 +81,16 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     launched_with_several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.cpu or (launched_with_several_processes and not torch.cuda.is_available())
     trackers = tracker_names(config.report_to)
-    accelerator = Accelerator(
-        cpu=use_cpu,
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(logging_dir=tracker_folder(config.output_dir)),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        dynamo_backend="inductor" if config.compile else None,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-    )
+    with process_group_deadline():  # CIFAR_ACCEL_JOIN_TIMEOUT s for the other processes to join
+        accelerator = Accelerator(
+            cpu=use_cpu,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(logging_dir=tracker_folder(config.output_dir)),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            dynamo_backend="inductor" if config.compile else None,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        )
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
     return accelerator
 

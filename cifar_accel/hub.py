@@ -1,7 +1,8 @@
 """The Hugging Face Hub: download a saved model's files, publish a finished run.
 
 Every failure becomes a one-line ``UserError`` that says what to do, and nothing local is
-written by a push. The token goes to ``huggingface_hub`` and is never printed or saved.
+written by a push. The token goes to ``huggingface_hub`` and is never printed or saved; every
+message and URL given back passes through ``redact``, so credentials inside ``HF_ENDPOINT`` stay hidden.
 """
 
 import json
@@ -23,6 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 from cifar_accel.errors import UserError
 from cifar_accel.model_card import build_model_card
 from cifar_accel.models import get_model
+from cifar_accel.redaction import redact, redact_log_records
 from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
 
 # Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
@@ -68,40 +70,52 @@ def _is_network_error(error: Exception) -> bool:
 
 
 @contextmanager
-def hub_errors(action: str, repo_id: str, revision: str | None = None, filename: str | None = None) -> Iterator[None]:
-    """Turn the client's exceptions into one line that starts with ``action``."""
+def hub_errors(
+    action: str,
+    repo_id: str,
+    revision: str | None = None,
+    filename: str | None = None,
+    token: str | None = None,
+) -> Iterator[None]:
+    """Turn the client's exceptions into one line that starts with ``action``, with no secret in it
+    (``token``, ``HF_TOKEN``, credentials inside ``HF_ENDPOINT`` or what the server or client echoed)."""
     endpoint = constants.ENDPOINT
+    redact_log_records()  # the client's own warnings name the URLs it retries
+
+    def refusal(message: str) -> UserError:
+        return UserError(redact(message, token))
+
     try:
         yield
     except RevisionNotFoundError:
-        raise UserError(f"{action}: {repo_id} has no revision {revision!r}") from None
+        raise refusal(f"{action}: {repo_id} has no revision {revision!r}") from None
     except RepositoryNotFoundError:
-        raise UserError(
+        raise refusal(
             f"{action}: {repo_id} not found on {endpoint}, or it is private and the token cannot read it"
         ) from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise UserError(
+            raise refusal(
                 f"{action}: {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
                 "unset it where the Hub can be reached, or pass a local folder"
             ) from None
-        raise UserError(f"{action}: cannot reach {endpoint}, and {repo_id} is not in the Hugging Face cache") from None
+        raise refusal(f"{action}: cannot reach {endpoint}, and {repo_id} is not in the Hugging Face cache") from None
     except EntryNotFoundError:
-        raise UserError(f"{action}: {repo_id} has no {filename}, so it is not a cifar_accel model") from None
+        raise refusal(f"{action}: {repo_id} has no {filename}, so it is not a cifar_accel model") from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
         server_says = f" ({error.server_message.splitlines()[0]})" if error.server_message else ""
         if status == 401:
-            raise UserError(
+            raise refusal(
                 f"{action}: the Hub refused the token (HTTP 401){server_says}; "
                 "check --token, HF_TOKEN or `hf auth login`"
             ) from None
         if status == 403:
-            raise UserError(f"{action}: permission denied for {repo_id} (HTTP 403){server_says}") from None
-        raise UserError(f"{action}: the Hub answered HTTP {status}{server_says}") from None
+            raise refusal(f"{action}: permission denied for {repo_id} (HTTP 403){server_says}") from None
+        raise refusal(f"{action}: the Hub answered HTTP {status}{server_says}") from None
     except Exception as error:
         if _is_network_error(error):
-            raise UserError(f"{action}: cannot reach {endpoint} ({error})") from None
+            raise refusal(f"{action}: cannot reach {endpoint} ({error})") from None
         raise
 
 
@@ -175,7 +189,7 @@ def push_run(
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode())]
     operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
     api = HfApi(token=token)
-    with hub_errors(f"cannot push to {repo_id}", repo_id, revision):
+    with hub_errors(f"cannot push to {repo_id}", repo_id, revision, token=token):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -185,4 +199,4 @@ def push_run(
             commit_message=commit_message or f"Upload {config['architecture']} trained with cifar_accel",
             revision=revision,
         )
-    return f"{repo_url}/tree/{revision}" if revision else str(repo_url)
+    return redact(f"{repo_url}/tree/{revision}" if revision else str(repo_url), token)
