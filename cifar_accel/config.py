@@ -197,8 +197,8 @@ class TrainConfig:
         try:
             with torch.device("meta"):
                 get_model(self.model, num_classes=10, **self.model_args)
-        except UserError:
-            raise
+        except UserError as error:  # an argument the model does not take
+            raise UserError(f"--model_args {json.dumps(self.model_args)}: {error}") from None
         except Exception as error:  # whatever the constructor raises for values it cannot take
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(

@@ -83,11 +83,15 @@ def check_writable_folder(folder: str | Path, flag: str) -> None:
         raise UserError(f"{flag} {folder} {problem}{' (read-only file system)' if read_only else ''}")
 
 
+_HELD: set[str] = set()  # lock files this process holds: POSIX locks never conflict within one process
+
+
 class FolderLock:
     """An exclusive lock on a run folder, so that two runs never write the same files.
 
-    ``flock`` is released by the kernel when the holder dies, so a killed run never leaves a
-    stale lock; the lock file only says who holds it, for the refusal message.
+    A POSIX record lock (``lockf``): the kernel releases it when the holder dies, so a killed run
+    never leaves a stale lock, and unlike ``flock`` it is not shared with forked DataLoader workers,
+    which may outlive a killed run by seconds. The lock file only says who holds it, for the refusal.
     """
 
     def __init__(self, folder: str | Path, flag: str = "--output_dir"):
@@ -102,12 +106,13 @@ class FolderLock:
             return
         with handle:
             self._take(handle, fcntl.LOCK_SH)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
     def acquire(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         handle = open(self.folder / LOCK_NAME, "a+")
         self._take(handle, fcntl.LOCK_EX)
+        _HELD.add(os.path.realpath(handle.name))
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         handle.seek(0)
         handle.truncate()
@@ -117,8 +122,12 @@ class FolderLock:
 
     def _take(self, handle, kind: int) -> None:
         try:
-            fcntl.flock(handle, kind | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.path.realpath(handle.name) in _HELD:
+                raise BlockingIOError(errno.EAGAIN, "held by this process")
+            fcntl.lockf(handle, kind | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
@@ -129,7 +138,8 @@ class FolderLock:
 
     def release(self) -> None:
         if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
+            _HELD.discard(os.path.realpath(self._file.name))
+            fcntl.lockf(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
 
