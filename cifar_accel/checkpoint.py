@@ -41,6 +41,7 @@ MANIFEST_FILE = "manifest.json"
 PREFIX = "step_"
 # Settings a resumed run may change, because they do not change what is trained or measured.
 RESUME_MAY_CHANGE = (
+    "dataset",  # the same data moved or copied: its content is checked against the checkpoint's digest
     "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "num_workers", "report_to",
     "checkpointing_steps", "checkpoints_total_limit", "push_to_hub", "hub_model_id", "hub_private_repo",
 )  # fmt: skip
@@ -162,6 +163,11 @@ def resume_settings(requested: dict, default_output_dir: str) -> dict:
             f"checkpoint {checkpoint} continues a run trained with {'; '.join(differences)}; a resume restores "
             "every setting, so drop these flags, or start a new run in another --output_dir"
         )
+    if not output_dir and checkpoint.resolve().parent.name != CHECKPOINTS_DIRECTORY:
+        raise UserError(
+            f"checkpoint {checkpoint} is not in a run's {CHECKPOINTS_DIRECTORY}/ folder; name the folder the run "
+            "continues in with --output_dir"
+        )
     changes = {name: value for name, value in requested.items() if name in RESUME_MAY_CHANGE}
     return {
         **saved,
@@ -183,6 +189,16 @@ def check_architecture(path: Path, architecture: dict) -> None:
             )
 
 
+def check_data(path: Path, digest: str, dataset: str) -> None:
+    """The data a run continues on must be the data it was trained on, wherever it now lies."""
+    saved = _saved_run(path).get("data_digest")
+    if saved is not None and saved != digest:
+        raise UserError(
+            f"--dataset {dataset} does not hold the examples checkpoint {path} was trained on (their SHA-256 "
+            "differs); resume with the same data"
+        )
+
+
 def check_process_count(path: Path, num_processes: int) -> None:
     """A checkpoint's batches and RNG states belong to its number of processes."""
     saved = _saved_run(path).get("num_processes", num_processes)
@@ -195,6 +211,8 @@ def check_process_count(path: Path, num_processes: int) -> None:
 
 def _replace_directory(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; an existing ``target`` is swapped out, then removed."""
+    if target.exists() and not target.is_dir():  # not a checkpoint: a file in the way
+        target.unlink()
     if target.exists():
         retired = target.with_name(f".retired-{target.name}")
         shutil.rmtree(retired, ignore_errors=True)

@@ -50,12 +50,31 @@ def train_main(argv: list[str] | None = None) -> None:
     _run(lambda: train(config))
 
 
+UNBOUNDED = sys.maxsize
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high``, or a one-line error saying so."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            valid = f"at least {low}" if high == UNBOUNDED else f"{low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {valid}, got {value}")
+        return value
+
+    return convert
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="uoft-cs/cifar10", help="Hub id, local copy or image folder")
     parser.add_argument("--image_column", default=None, help="image column (default: detect 'img' or 'image')")
     parser.add_argument("--label_column", default=None, help="label column (default: detect 'label' or 'fine_label')")
-    parser.add_argument("--batch_size", type=int, default=1024, help="examples per step")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--batch_size", type=_whole_number(1, 2**31), default=1024, help="examples per step")
+    parser.add_argument("--num_workers", type=_whole_number(0, 64), default=2, help="DataLoader worker processes")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +86,9 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser = OneLineErrorParser(prog="cifar-accel evaluate", description="Evaluate a saved model on one split.")
     _model_arguments(parser)
     parser.add_argument("--split", default="test", help="split to evaluate")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="use only the first N examples")
+    parser.add_argument(
+        "--max_eval_samples", type=_whole_number(1, UNBOUNDED), default=None, help="use only the first N examples"
+    )
     _data_arguments(parser)
     args = _run(lambda: parser.parse_args(argv))
 
@@ -98,8 +119,10 @@ def loader_speed_main(argv: list[str] | None = None) -> None:
     parser = OneLineErrorParser(
         prog="cifar-accel loader-speed", description="Images/s of the augmented training loader alone, one epoch."
     )
-    parser.add_argument("--max_train_samples", type=int, default=None, help="use only the first N examples")
-    parser.add_argument("--cutout", type=int, default=0, help="cutout square side in pixels (0: off)")
+    parser.add_argument(
+        "--max_train_samples", type=_whole_number(1, UNBOUNDED), default=None, help="use only the first N examples"
+    )
+    parser.add_argument("--cutout", type=_whole_number(0, 31), default=0, help="cutout square side in pixels (0: off)")
     _data_arguments(parser)
     args = _run(lambda: parser.parse_args(argv))
 

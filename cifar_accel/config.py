@@ -6,6 +6,7 @@ its values. ``parse_train_args`` turns ``argv`` into a validated ``TrainConfig``
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -27,9 +28,9 @@ IMAGE_SIDE = 32
 # setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda value: value >= 1, "at least 1"),
-    "batch_size": (lambda value: value >= 1, "at least 1"),
-    "eval_batch_size": (lambda value: value >= 1, "at least 1"),
-    "gradient_accumulation_steps": (lambda value: value >= 1, "at least 1"),
+    "batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
+    "eval_batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
+    "gradient_accumulation_steps": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
     "max_train_samples": (lambda value: value >= 1, "at least 1"),
     "max_eval_samples": (lambda value: value >= 1, "at least 1"),
     "checkpoints_total_limit": (lambda value: value >= 1, "at least 1"),
@@ -126,7 +127,7 @@ class TrainConfig:
     hub_private_repo: bool = _option(False, "create the Hub repo as private")
 
     def __post_init__(self):
-        if isinstance(self.output_dir, str):  # '--output_dir=~/runs' reaches us unexpanded by the shell
+        if isinstance(self.output_dir, str) and self.output_dir.strip():  # '--output_dir=~/runs': no shell expands it
             self.output_dir = os.path.expanduser(self.output_dir)
 
     def validate(self) -> None:
@@ -139,7 +140,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not is_valid(value):
                 raise UserError(f"--{name} must be {valid}, got {value!r}")
-        if any(not 0 < milestone < 1 for milestone in self.milestones) or self.milestones != sorted(self.milestones):
+        increasing = all(earlier < later for earlier, later in itertools.pairwise(self.milestones))
+        if any(not 0 < milestone < 1 for milestone in self.milestones) or not increasing:
             raise UserError(f"--milestones must be increasing fractions of training in (0, 1), got {self.milestones}")
         if self.checkpointing_steps not in (None, "epoch") and not self.checkpoint_every_steps:
             raise UserError(

@@ -5,6 +5,7 @@ and normalisation statistics; ``make_dataloader`` wraps one split in a ``DataLoa
 torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 """
 
+import hashlib
 import os
 import signal
 import socket
@@ -308,6 +309,17 @@ def _decode_rows(dataset: Dataset, image_column: str, label_column: str, split_n
         "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
+
+
+def content_digest(data: DataBundle) -> str:
+    """SHA-256 of the decoded training and evaluation examples: the same data under any path or copy,
+    and different data under the same path, are told apart."""
+    digest = hashlib.sha256()
+    for split in (data.train, data.evaluation):
+        images, labels = decode_split(split, data.image_column, data.label_column)
+        digest.update(images.contiguous().numpy())
+        digest.update(labels.contiguous().numpy())
+    return digest.hexdigest()
 
 
 def reflect_pad(images: torch.Tensor, padding: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from cifar_accel.checkpoint import (
     StopRequest,
     TrainingProgress,
     check_architecture,
+    check_data,
     check_process_count,
     find_checkpoint,
     load_checkpoint,
@@ -39,7 +40,14 @@ from cifar_accel.checkpoint import (
     without_prefix,
 )
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
+from cifar_accel.data import (
+    DataBundle,
+    content_digest,
+    default_num_workers,
+    first_images,
+    load_data,
+    make_dataloader,
+)
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.distributed import process_group_deadline
 from cifar_accel.errors import StoppedBySignal, UserError
@@ -146,6 +154,7 @@ class Run:
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     examples_before_resume: float = 0.0  # trained in this epoch by the run that saved the checkpoint: not timed
     checkpoint_saved: bool = False
+    data_digest: str | None = None  # of the examples, saved with checkpoints; computed at the first one
 
     def __post_init__(self):
         self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # loss, correct, n
@@ -159,10 +168,12 @@ class Run:
         }
         if self.lookahead is not None:
             tensors.update(with_prefix("lookahead", self.lookahead.state_dict()))
+        self.data_digest = self.data_digest or content_digest(self.data)
         saved_run = {
             "architecture": self.architecture,
             "settings": self.config.to_dict(),
             "num_processes": self.accelerator.num_processes,
+            "data_digest": self.data_digest,
         }
         checkpoint = save_checkpoint(
             self.accelerator, self.config.output_dir, self.progress, tensors, saved_run,
@@ -185,8 +196,9 @@ class Run:
         raise StoppedBySignal(signal_number)
 
     def abandon(self, error: BaseException) -> None:
-        """A run ending in an error before its first epoch finished gives the folder back to the run it
-        replaced; one stopped with a checkpoint keeps that run aside until it finishes an epoch."""
+        """A run ending in an error before its first epoch finished, with no checkpoint, leaves the folder
+        as it found it (the run it replaced put back); one with a checkpoint keeps that run aside until it
+        finishes an epoch."""
         if self.folder is None or self.resume_from or self.progress.epoch > 1:
             return
         replaced = self.folder.path / REPLACED_RUN
@@ -194,7 +206,7 @@ class Run:
             print(f"the run this one replaces is kept in {replaced} until this one finishes its first epoch",
                   file=sys.stderr)  # fmt: skip
         elif not self.checkpoint_saved:
-            self.folder.restore_replaced_run()
+            self.folder.discard_run()
 
 
 def environment() -> dict:
@@ -257,7 +269,7 @@ def train(config: TrainConfig) -> dict:
 def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     """Everything before the first step. What can be refused is checked before anything is written;
     the output folder is taken last, once a signal no longer stops the run at once."""
-    resume_from, skipped = None, []
+    resume_from, skipped, data_digest = None, [], None
     architecture = {"model": config.model, "model_args": config.model_args}
     FolderLock(config.output_dir).refuse_if_held()
     if config.resume_from_checkpoint:
@@ -287,6 +299,8 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     architecture["num_classes"] = data.num_classes
     if resume_from:
         check_architecture(resume_from, architecture)  # again, now that the number of classes is known
+        data_digest = content_digest(data)
+        check_data(resume_from, data_digest, config.dataset)
     model = build_model(config, data, accelerator)
     optimizer = build_optimizer(model, config)
     # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
@@ -303,6 +317,7 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
         architecture, resume_from, None, start_time, data_ready_time,
     )  # fmt: skip
+    run.data_digest = data_digest
     if resume_from:
         restore_checkpoint(run)
     stop.stop_at_once(None)  # from here a signal is answered with a checkpoint

@@ -66,9 +66,9 @@ def describe_os_error(error: OSError) -> str:
 
 def check_writable_folder(folder: str | Path, flag: str) -> None:
     """Refuse, without creating anything, a folder that cannot be created or written."""
-    folder = Path(folder)
     if not str(folder).strip():
         raise UserError(f"{flag} must name a folder, got an empty string")
+    folder = Path(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():

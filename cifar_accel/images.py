@@ -76,6 +76,9 @@ def open_image(source: ImageSource, where: str) -> Image.Image:
     """
     if isinstance(source, bytes | bytearray):
         source = io.BytesIO(source)
+    elif isinstance(source, str | os.PathLike) and os.path.exists(source) and not os.path.isfile(source):
+        # A folder, a FIFO or a device: reading one would fail, or wait forever.
+        raise UserError(f"{where} cannot be read (not a regular file)")
     try:
         with _pillow_quiet():
             return Image.open(source)

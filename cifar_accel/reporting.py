@@ -82,7 +82,7 @@ class RunFolder:
 
     A new run that replaces another (``--overwrite_output_dir``) first moves the old run's files
     aside to ``.replaced_run``; they are removed only once the new run has finished an epoch
-    (``drop_replaced_run``), and put back if it fails before that (``restore_replaced_run``).
+    (``drop_replaced_run``), and put back if it fails before that (``discard_run``).
     A resumed run keeps the files. Every file is replaced atomically.
     """
 
@@ -116,13 +116,14 @@ class RunFolder:
     def drop_replaced_run(self) -> None:
         remove_tree(self.path / REPLACED_RUN)
 
-    def restore_replaced_run(self) -> None:
-        """Undo the move aside: this run's own files go, the replaced run's come back."""
+    def discard_run(self) -> None:
+        """For a run that failed before it had anything to keep: its own files go, and the run it
+        replaced, if any, comes back, so the folder is as it was before the run started."""
+        for name in RUN_FILES:
+            remove_tree(self.path / name)
         replaced = self.path / REPLACED_RUN
         if not replaced.is_dir():
             return
-        for name in RUN_FILES:
-            remove_tree(self.path / name)
         for moved in replaced.iterdir():
             os.replace(moved, self.path / moved.name)
         replaced.rmdir()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,7 @@ def test_a_new_run_replaces_only_what_it_was_allowed_to_and_only_after_its_first
     folder = RunFolder(tmp_path, overwrite=True)  # what --overwrite_output_dir leads to
     assert sorted(path.name for path in tmp_path.iterdir()) == [".lock", ".replaced_run", "notes.txt"]
     (tmp_path / "metrics.jsonl").write_text("new")
-    folder.restore_replaced_run()  # the new run failed before its first epoch ended
+    folder.discard_run()  # the new run failed before its first epoch ended
     assert (tmp_path / "metrics.jsonl").read_text() == "old" and (tmp_path / "checkpoints" / "step_3").is_dir()
     folder.close()
     folder = RunFolder(tmp_path, overwrite=True)
@@ -194,3 +195,16 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(tmp_path):
         RunFolder(tmp_path, overwrite=True)
     first.close()
     RunFolder(tmp_path, overwrite=True).close()  # free again once the first has ended
+
+
+def test_a_file_in_the_way_of_a_checkpoint_is_skipped_by_latest_and_replaced_by_the_save(saved_checkpoints):
+    first, second = saved_checkpoints
+    shutil.rmtree(second)
+    second.write_text("junk")
+    assert find_checkpoint("latest", first.parent.parent) == (first, [])
+    accelerator = Accelerator(cpu=True)
+    saved = save_checkpoint(
+        accelerator, first.parent.parent, TrainingProgress(global_step=2), {"x": torch.ones(2)}, RUN
+    )
+    assert saved.is_dir() and find_checkpoint("latest", first.parent.parent) == (saved, [])
+    assert sorted(path.name for path in first.parent.iterdir()) == ["step_1", "step_2"]

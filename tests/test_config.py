@@ -54,7 +54,17 @@ def test_flags_are_parsed_into_typed_fields():
         (["--learning_rate", "-1"], "--learning_rate must be a positive finite number, got -1.0"),
         (["--learning_rate", "inf"], "--learning_rate must be a positive finite number, got inf"),
         (["--learning_rate", "nan"], "--learning_rate must be a positive finite number, got nan"),
-        (["--batch_size", "0"], "--batch_size must be at least 1"),
+        (["--batch_size", "0"], "--batch_size must be 1 to 2\\^31, got 0"),
+        (["--batch_size", str(10**20)], "--batch_size must be 1 to 2\\^31"),
+        (["--milestones", "0.5", "0.5"], "--milestones must be increasing"),
+        (
+            ["--model", "bn_cnn", "--model_args", '{"conv_dropout": NaN}'],
+            "conv_dropout must be a finite float, got nan",
+        ),
+        (
+            ["--model", "bn_cnn", "--model_args", '{"conv_dropout": true}'],
+            "conv_dropout must be a finite float, got True",
+        ),
         (["--warmup_fraction", "1.5"], "--warmup_fraction must be in \\[0, 1\\], got 1.5"),
         (["--seed", "-1"], "--seed must be in \\[0, 2\\^32\\), got -1"),
         (["--seed", str(2**32)], "--seed must be in \\[0, 2\\^32\\)"),

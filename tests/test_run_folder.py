@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, accelerate_launch, run_command
+from conftest import REPO_ROOT, accelerate_launch, replace_column_values, run_command
 
 from cifar_accel import engine
 from cifar_accel.config import parse_train_args
@@ -177,3 +177,34 @@ def test_a_read_only_or_file_output_folder_is_refused_before_anything_runs(colou
     assert result.stderr.strip() == (
         f"error: --output_dir {small_disk}/run cannot be created: {small_disk} is not writable (read-only file system)"
     )
+
+
+def test_a_new_run_that_fails_in_its_first_epoch_leaves_no_run_behind(colour_dataset, tmp_path):
+    diverging = ("--learning_rate", "1e30", "--warmup_fraction", "0")
+    with pytest.raises(UserError, match="training loss became nan or inf"):
+        engine.train(parse_train_args(train_flags(colour_dataset, tmp_path / "run", *diverging)))
+    assert [path.name for path in (tmp_path / "run").iterdir()] == [".lock"]  # the same command can run again
+
+
+def test_a_checkpoint_copied_out_of_its_run_needs_the_folder_to_continue_in(finished_run, tmp_path):
+    copy = tmp_path / "elsewhere" / "step_4"
+    shutil.copytree(finished_run / "checkpoints" / "step_4", copy)
+    with pytest.raises(UserError, match="is not in a run's checkpoints/ folder; name the folder the run continues in"):
+        parse_train_args(["--resume_from_checkpoint", str(copy)])
+    continued = tmp_path / "continued"
+    assert parse_train_args(["--resume_from_checkpoint", str(copy), "--output_dir", str(continued)]).output_dir == (
+        str(continued)
+    )
+
+
+def test_a_resume_follows_its_data_to_another_path_and_refuses_other_data(finished_run, colour_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    moved = tmp_path / "moved"
+    shutil.copytree(colour_dataset, moved)
+    resume = ["--output_dir", str(run_dir), "--resume_from_checkpoint", "latest", "--dataset"]
+    results = engine.train(parse_train_args([*resume, str(moved)]))  # the finished run's last step, evaluated again
+    assert results["final_metrics"] == json.loads((finished_run / "results.json").read_text())["final_metrics"]
+    replace_column_values(moved, "train", "label", {0: 1})  # the same path, other examples
+    with pytest.raises(UserError, match=f"--dataset {moved} does not hold the examples checkpoint .* was trained on"):
+        engine.train(parse_train_args([*resume, str(moved)]))

@@ -1,6 +1,7 @@
 """Model registry: every architecture is a named builder ``builder(num_classes, **kwargs)``."""
 
 import inspect
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -36,4 +37,18 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         raise UserError(
             f"model {name!r} does not take {', '.join(unknown)}; its arguments are: {', '.join(sorted(accepted))}"
         )
+    for name, value in kwargs.items():
+        expected = inspect.signature(builder).parameters[name].annotation
+        if not _fits(value, expected):
+            kind = getattr(expected, "__name__", expected)
+            raise UserError(f"model argument {name} must be a finite {kind}, got {value!r}")
     return builder(num_classes=num_classes, **kwargs)
+
+
+def _fits(value: object, expected: object) -> bool:
+    """A JSON value for a constructor argument annotated ``float`` or ``int``: finite, and not a bool."""
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return True  # other annotations (tuples, lists) are left to the constructor

@@ -33,8 +33,10 @@ def load_recipe(name_or_path: str) -> dict:
 def _read(path: Path) -> dict:
     try:
         content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except OSError as error:
+        raise UserError(f"recipe {str(path)!r} cannot be read ({error.strerror or error})") from None
     if not isinstance(content, dict):
         raise UserError(f"recipe {str(path)!r} must be a mapping of setting names to values")
     return content
