@@ -75,20 +75,6 @@ CASES = {
     ),
     "undecodable image": ("--dataset {root}/bad_image", "the image in row 9 of split 'train' cannot be decoded"),
     "undecodable test image": ("--dataset {root}/bad_test_image", "the image in row 3 of split 'test' cannot be"),
-    "resume with a changed setting": (
-        "--batch_size 16 --resume_from_checkpoint {root}/run/checkpoints/step_8",
-        "checkpoint {root}/run/checkpoints/step_8 continues a run trained with --batch_size 32 (asked: 16)",
-    ),
-    "out-of-range seed": ("--seed -1", "--seed must be in [0, 2^32), got -1"),
-    "cutout as large as the image": ("--cutout 32", "--cutout must be 0 to 31 (smaller than the image), got 32"),
-    "bad model arguments": (
-        '--model_args {{"conv_dropout":2}}',
-        '--model_args {{"conv_dropout": 2}}: bn_cnn cannot be built',
-    ),
-    "output folder is a file": (
-        "--output_dir {root}/broken.yaml",
-        "--output_dir {root}/broken.yaml is a file; give a folder",
-    ),
     "config file not valid YAML": ("--recipe {root}/broken.yaml", "recipe '{root}/broken.yaml' is not valid YAML"),
     "resume path missing": (
         "--resume_from_checkpoint /no/such/step_5",
