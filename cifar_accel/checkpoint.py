@@ -253,17 +253,14 @@ def save_checkpoint(
             if total_limit:
                 for old in checkpoint_folders(output_dir)[:-total_limit]:
                     shutil.rmtree(old)
-    except Exception as error:
-        problem = as_os_error(error, temporary)  # before the removal frees the space that ran out
+    except BaseException as error:  # a full disk, or interrupted: no half-written checkpoint stays behind
+        # Translated before the removal frees the space that ran out.
+        problem = as_os_error(error, temporary) if isinstance(error, Exception) else error
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
         if problem is error:
             raise
         raise problem from error
-    except BaseException:  # interrupted: no half-written checkpoint stays behind
-        if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-        raise
     accelerator.wait_for_everyone()
     return final
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -189,7 +190,7 @@ class Run:
             return
         checkpoint = checkpoint or self.save_checkpoint()
         self.accelerator.print(
-            f"{StoppedBySignal(signal_number).signal_name}: stopped {where}; checkpoint saved to {checkpoint}\n"
+            f"{signal.Signals(signal_number).name}: stopped {where}; checkpoint saved to {checkpoint}\n"
             f"resume with: {resume_command(checkpoint, self.accelerator.num_processes)}"
         )
         self.accelerator.end_training()
@@ -315,9 +316,8 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     run = Run(
         config, accelerator, data, model, optimizer, scheduler,
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
-        architecture, resume_from, None, start_time, data_ready_time,
+        architecture, resume_from, None, start_time, data_ready_time, data_digest=data_digest,
     )  # fmt: skip
-    run.data_digest = data_digest
     if resume_from:
         restore_checkpoint(run)
     stop.stop_at_once(None)  # from here a signal is answered with a checkpoint

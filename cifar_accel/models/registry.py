@@ -31,17 +31,18 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     builder = _REGISTRY[name]
-    accepted = set(inspect.signature(builder).parameters) - {"num_classes"}
+    parameters = inspect.signature(builder).parameters
+    accepted = set(parameters) - {"num_classes"}
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise UserError(
             f"model {name!r} does not take {', '.join(unknown)}; its arguments are: {', '.join(sorted(accepted))}"
         )
-    for name, value in kwargs.items():
-        expected = inspect.signature(builder).parameters[name].annotation
+    for argument, value in kwargs.items():
+        expected = parameters[argument].annotation
         if not _fits(value, expected):
             kind = getattr(expected, "__name__", expected)
-            raise UserError(f"model argument {name} must be a finite {kind}, got {value!r}")
+            raise UserError(f"model argument {argument} must be a finite {kind}, got {value!r}")
     return builder(num_classes=num_classes, **kwargs)
 
 
