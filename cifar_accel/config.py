@@ -23,11 +23,14 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
+EVAL_STRATEGIES = ("epoch", "no")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 IMAGE_SIDE = 32
 
 # setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (lambda value: value >= 1, "at least 1"),
+    "epochs": (lambda value: 0 < value <= 10**6, "more than 0 and at most 10^6 (fractions allowed, e.g. 9.9)"),
+    "eval_epochs": (lambda value: value >= 1, "at least 1"),
     "batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
     "eval_batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
     "gradient_accumulation_steps": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
@@ -45,6 +48,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
     "label_smoothing": (lambda value: 0 <= value < 1, "in [0, 1)"),
     "warmup_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "warmup_start_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
     "final_lr_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
     "tta_level": (lambda value: value in (0, 1, 2), "0, 1 or 2"),
     # Reflect padding needs fewer pixels than the side; a square as large as the image erases all of it.
@@ -78,6 +82,7 @@ class TrainConfig:
         "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
     )
     alternating_flip: bool = _option(False, "flip a random half of the images in even epochs, the rest in odd ones")
+    drop_last: bool = _option(False, "drop each epoch's last incomplete training batch (same-shaped steps)")
     num_workers: int | None = _option(
         None, "DataLoader worker processes per device (default: CPU cores / processes, at most 8)"
     )
@@ -85,7 +90,7 @@ class TrainConfig:
     model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
     model_args: dict[str, Any] = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
     # Optimisation
-    epochs: int = _option(24, "number of passes over the training set")
+    epochs: float = _option(24, "passes over the training set; a fraction stops the last one early (9.9)")
     batch_size: int = _option(512, "examples per device per step; global batch = this x processes x accumulation")
     eval_batch_size: int = _option(1024, "examples per device per evaluation step")
     learning_rate: float = _option(0.4, "peak learning rate")
@@ -94,7 +99,8 @@ class TrainConfig:
     momentum: float = _option(0.9, "SGD momentum (adamw: beta1)")
     nesterov: bool = _option(True, "use Nesterov momentum with SGD")
     scheduler: str = _option("onecycle", "learning-rate schedule after warm-up", SCHEDULERS)
-    warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up from zero")
+    warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up")
+    warmup_start_fraction: float = _option(0.0, "warm-up starts at this fraction of the peak learning rate")
     final_lr_fraction: float = _option(0.0, "onecycle/cosine: decay to this fraction of the peak instead of zero")
     milestones: list[float] = _option([0.5, 0.75], "multistep: fractions of training where lr is multiplied by gamma")
     gamma: float = _option(0.1, "multistep: factor applied at each milestone")
@@ -104,12 +110,18 @@ class TrainConfig:
     lookahead: bool = _option(False, "every 5 steps pull the weights to an EMA of themselves (airbench's lookahead)")
     tta_level: int = _option(0, "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + 1-px shifts")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
+    eval_strategy: str = _option(
+        "epoch", "epoch: evaluate every --eval_epochs epochs and keep the best; no: only the last model, at the end",
+        EVAL_STRATEGIES,
+    )  # fmt: skip
+    eval_epochs: int = _option(1, "with --eval_strategy epoch: evaluate every N epochs (and after the last)")
     # Hardware
     mixed_precision: str | None = _option(None, "mixed precision (default: the accelerate config's)", MIXED_PRECISION)
     sync_batchnorm: bool = _option(False, "synchronise BatchNorm statistics across processes")
     cpu: bool = _option(False, "train on the CPU even when an accelerator is present")
     channels_last: bool = _option(False, "NHWC memory layout for model and batches (faster convolutions on GPUs)")
     compile: bool = _option(False, "compile the model with torch.compile (through Accelerate's dynamo backend)")
+    compile_mode: str = _option("default", "torch.compile mode with --compile", COMPILE_MODES)
     # Run
     output_dir: str = _option("output", "folder for the run's config, metrics and best model")
     overwrite_output_dir: bool = _option(False, "replace the run already in --output_dir (otherwise refused)")
@@ -127,6 +139,8 @@ class TrainConfig:
     hub_private_repo: bool = _option(False, "create the Hub repo as private")
 
     def __post_init__(self):
+        if isinstance(self.epochs, float) and self.epochs.is_integer():
+            self.epochs = int(self.epochs)  # "10 epochs", not "10.0", in logs and saved settings
         if isinstance(self.output_dir, str) and self.output_dir.strip():  # '--output_dir=~/runs': no shell expands it
             self.output_dir = os.path.expanduser(self.output_dir)
 
@@ -153,12 +167,18 @@ class TrainConfig:
             ("data_loader", DATA_LOADERS),
             ("report_to", REPORT_TO),
             ("mixed_precision", (*MIXED_PRECISION, None)),
+            ("eval_strategy", EVAL_STRATEGIES),
+            ("compile_mode", COMPILE_MODES),
         ):
             if getattr(self, option_name) not in choices:
                 raise UserError(
                     f"unknown --{option_name} {getattr(self, option_name)!r}; "
                     f"choose one of: {', '.join(choice for choice in choices if choice)}"
                 )
+        if self.eval_strategy == "no" and self.validation_size:
+            raise UserError("--validation_size selects the best epoch; with --eval_strategy no nothing is selected")
+        if self.compile_mode != "default" and not self.compile:
+            raise UserError(f"--compile_mode {self.compile_mode} needs --compile")
         if not self.dataset.strip():
             raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
         from cifar_accel.files import check_writable_folder
@@ -206,6 +226,15 @@ class TrainConfig:
             raise UserError(
                 f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({reason})"
             ) from None
+
+    @property
+    def epoch_count(self) -> int:
+        """Epochs begun: a fractional ``epochs`` stops the last of them early."""
+        return math.ceil(self.epochs)
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the model is evaluated after this epoch, and kept if it is the best so far."""
+        return self.eval_strategy == "epoch" and (epoch % self.eval_epochs == 0 or epoch == self.epoch_count)
 
     @property
     def checkpoint_every_steps(self) -> int | None:

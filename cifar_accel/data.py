@@ -436,6 +436,7 @@ def make_dataloader(
     channels_last: bool = False,
     crop_padding: int = 4,
     alternating_flip: bool = False,
+    drop_last: bool = False,
 ) -> DataLoader:
     """Batches of ``(images, labels)``; augmentation runs per image in the workers, on the fly."""
     images, labels = decode_split(dataset, data.image_column, data.label_column)
@@ -443,6 +444,7 @@ def make_dataloader(
         DecodedImages(images, labels, train, crop_padding, cutout, alternating_flip, seed),
         batch_size=batch_size,
         shuffle=train,
+        drop_last=drop_last,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         # Workers start afresh each epoch, so they copy the dataset with that epoch's draws.

@@ -8,7 +8,11 @@ instead of one Python call per image.
 
 Augmentation parameters are drawn per example and per epoch from ``(seed, epoch)`` alone
 (``draw_augmentation``, shared with the standard loader), so an example gets the same crop and
-flip whichever process, batch or attempt fetches it.
+flip whichever process, batch or attempt fetches it. They move to the device once per epoch.
+
+Fetching a batch never makes the host wait for the device: the batch's positions travel from
+pinned memory without blocking, and every choice is made with tensor ops (``torch.where``, a
+gather) rather than boolean-mask indexing, whose output size the host would have to read.
 """
 
 import torch
@@ -42,12 +46,22 @@ class DeviceImageDataset(AugmentedSplit):
         self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.labels.device)
+        index = positions_on(self.labels.device, indices)
         images = self.images[index]
         if self.train:
             images = self._augment(images, index)
+        return self._normalise(images), self.labels[index]
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         normalised = images.float().mul_(self.scale).add_(self.shift)
-        return normalised.contiguous(memory_format=self.memory_format), self.labels[index]
+        return normalised.contiguous(memory_format=self.memory_format)
+
+    def unaugmented(self, count: int) -> torch.Tensor:
+        """The first ``count`` images, normalised and neither cropped nor flipped (airbench's whitening
+        input), computed where the split lives."""
+        side = self.images.shape[-1] - 2 * self.padding
+        window = slice(self.padding, self.padding + side)
+        return self._normalise(self.images[:count, :, window, window])
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([position])
@@ -65,11 +79,20 @@ class DeviceImageDataset(AugmentedSplit):
         )
         offsets = self.draws.offsets[index]
         images = windows[torch.arange(batch, device=padded.device), offsets[:, 0], offsets[:, 1]]
-        flips = self.draws.flips[index]
-        images[flips] = images[flips].flip(-1)
+        flips = self.draws.flips[index].view(batch, 1, 1, 1)
+        images = torch.where(flips, images.flip(-1), images)
         if self.cutout:
             images = cutout(images, self.draws.cutout_centres[index], self.cutout)
         return images
+
+
+def positions_on(device: torch.device, indices: list[int]) -> torch.Tensor:
+    """A batch's example positions on ``device``; to a GPU, copied from pinned memory without blocking
+    (a plain copy from pageable memory would make the host wait for the device's queue to drain)."""
+    positions = torch.as_tensor(indices)
+    if device.type == "cuda":
+        return positions.pin_memory().to(device, non_blocking=True)
+    return positions.to(device)
 
 
 def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +110,7 @@ def make_device_dataloader(
     seed: int = 0,
     channels_last: bool = False,
     crop_padding: int = 4,
+    drop_last: bool = False,
 ) -> DataLoader:
     """Same batches as ``make_dataloader`` (shuffled when training), served from device memory."""
     images, labels = decode_split(dataset, data.image_column, data.label_column)
@@ -98,6 +122,7 @@ def make_device_dataloader(
         device_dataset,
         batch_size=batch_size,
         shuffle=train,
+        drop_last=drop_last,
         collate_fn=_keep_batch,
         generator=torch.Generator().manual_seed(seed),
     )

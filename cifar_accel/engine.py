@@ -22,7 +22,14 @@ import accelerate
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    ProjectConfiguration,
+    TorchDynamoPlugin,
+    broadcast_object_list,
+    set_seed,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -58,12 +65,13 @@ from cifar_accel.loop import (
     DataWaitClock,
     NonFiniteLossWatch,
     evaluate,
+    first_batches,
     peak_memory_megabytes,
     timing_summary,
     train_steps,
 )
 from cifar_accel.models import get_model
-from cifar_accel.optim import build_optimizer, build_scheduler
+from cifar_accel.optim import build_optimizer, build_scheduler, total_updates
 from cifar_accel.reporting import (
     REPLACED_RUN,
     RunFolder,
@@ -78,6 +86,9 @@ from cifar_accel.saved_model import model_config, save_model
 from cifar_accel.scoring import TOP_K_NAMES, score_predictions
 from cifar_accel.tricks import Lookahead
 
+COMPILE_BACKEND = "inductor"  # the tests count graphs with the cheaper "aot_eager"
+WHITENING_IMAGES = 5000  # airbench's: the patch covariance of the first 5,000 training images
+
 
 def build_accelerator(config: TrainConfig) -> Accelerator:
     """The one Accelerator of a run.
@@ -90,6 +101,9 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     launched_with_several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
     use_cpu = config.cpu or (launched_with_several_processes and not torch.cuda.is_available())
     trackers = tracker_names(config.report_to)
+    # Accelerate keeps one shared state per process: a second run in the same process (a notebook, a
+    # benchmark) would silently keep the first one's mixed precision and compilation. The process group stays.
+    AcceleratorState._reset_state()
     with process_group_deadline():  # CIFAR_ACCEL_JOIN_TIMEOUT s for the other processes to join
         accelerator = Accelerator(
             cpu=use_cpu,
@@ -97,10 +111,16 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             project_config=ProjectConfiguration(logging_dir=tracker_folder(config.output_dir)),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            dynamo_backend="inductor" if config.compile else None,
+            dynamo_plugin=TorchDynamoPlugin(backend=COMPILE_BACKEND, mode=config.compile_mode)
+            if config.compile
+            else None,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
     check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    if accelerator.device.type == "cuda":
+        # cuDNN times its algorithms on the first batches of each shape and keeps the fastest: every
+        # step of a run has the same shapes. (Its choice may differ between runs, in the last bits.)
+        torch.backends.cudnn.benchmark = True
     return accelerator
 
 
@@ -151,6 +171,7 @@ class Run:
     folder: RunFolder | None
     start_time: float
     data_ready_time: float
+    total_steps: int  # training batches of this process over the run; a fractional --epochs cuts the last epoch
     progress: TrainingProgress = field(default_factory=TrainingProgress)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
     examples_before_resume: float = 0.0  # trained in this epoch by the run that saved the checkpoint: not timed
@@ -253,7 +274,7 @@ def train(config: TrainConfig) -> dict:
         try:
             start_records(run)
             with progress_bar(run) as bar:
-                while run.progress.epoch <= run.config.epochs:
+                while run.progress.epoch <= run.config.epoch_count:
                     train_epoch(run, stop, bar)
             results = finish_run(run, stop)
             if config.push_to_hub:
@@ -302,21 +323,26 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         check_architecture(resume_from, architecture)  # again, now that the number of classes is known
         data_digest = content_digest(data)
         check_data(resume_from, data_digest, config.dataset)
-    model = build_model(config, data, accelerator)
-    optimizer = build_optimizer(model, config)
+    model = build_model(config, data, accelerator, train_loader)
+    optimizer = build_optimizer(model, config, accelerator.device)
     # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
     updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     scheduler = build_scheduler(optimizer, config, steps_per_epoch=updates_per_epoch)
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    # This process's updates and batches, now that prepare() has sharded the loader.
+    process_updates = total_updates(config, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
     lookahead = (
-        Lookahead(accelerator.unwrap_model(model), updates_per_epoch * config.epochs) if config.lookahead else None
+        Lookahead(accelerator.unwrap_model(model, keep_torch_compile=False), process_updates)
+        if config.lookahead
+        else None
     )
     run = Run(
         config, accelerator, data, model, optimizer, scheduler,
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
-        architecture, resume_from, None, start_time, data_ready_time, data_digest=data_digest,
+        architecture, resume_from, None, start_time, data_ready_time, math.ceil(len(train_loader) * config.epochs),
+        data_digest=data_digest,
     )  # fmt: skip
     if resume_from:
         restore_checkpoint(run)
@@ -328,21 +354,26 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
 
 def make_loader(config: TrainConfig, data: DataBundle, split, accelerator: Accelerator, train: bool = False):
     batch_size = config.batch_size if train else config.eval_batch_size
+    drop_last = train and config.drop_last
     if config.data_loader == "device":
         return make_device_dataloader(
             split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip,
-            config.seed, config.channels_last, config.crop_padding,
+            config.seed, config.channels_last, config.crop_padding, drop_last,
         )  # fmt: skip
     return make_dataloader(
         split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,
-        config.crop_padding, config.alternating_flip,
+        config.crop_padding, config.alternating_flip, drop_last,
     )  # fmt: skip
 
 
-def build_model(config: TrainConfig, data: DataBundle, accelerator: Accelerator) -> nn.Module:
+def build_model(config: TrainConfig, data: DataBundle, accelerator: Accelerator, train_loader) -> nn.Module:
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
-        model.initialize_whitening(first_images(data.train, data, count=5000))
+        if config.data_loader == "device":  # computed on the accelerator, from the split already there
+            images = train_loader.dataset.unaugmented(WHITENING_IMAGES)
+        else:
+            images = first_images(data.train, data, count=WHITENING_IMAGES)
+        model.initialize_whitening(images)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_batchnorm and accelerator.num_processes > 1:
@@ -388,7 +419,7 @@ def start_records(run: Run) -> None:
 
 def progress_bar(run: Run) -> tqdm:
     return tqdm(
-        total=len(run.train_loader) * run.config.epochs,
+        total=run.total_steps,
         initial=run.progress.global_step,
         disable=not run.accelerator.is_main_process,
         unit="step",
@@ -398,40 +429,48 @@ def progress_bar(run: Run) -> tqdm:
 
 
 def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
-    """The epoch's training steps (checkpointing and stopping as asked), its evaluation and its record."""
+    """The epoch's training steps (checkpointing and stopping as asked), its evaluation if one is due, its record."""
     config, accelerator, progress = run.config, run.accelerator, run.progress
-    epoch = progress.epoch
+    epoch, steps_per_epoch = progress.epoch, len(run.train_loader)
     bar.set_description(f"epoch {epoch}/{config.epochs}")
     epoch_start = time.perf_counter()
     # Batch order and augmentation are functions of (seed, epoch): the same after a resume.
     run.train_loader.set_epoch(epoch - 1)
     run.train_loader.dataset.set_epoch(epoch - 1)
+    train_whitening_bias(run, epoch)
     batches = run.train_loader
     if progress.step_in_epoch:
         batches = accelerator.skip_first_batches(run.train_loader, progress.step_in_epoch)
     else:
         progress.epoch_learning_rate = run.scheduler.get_last_lr()[0]
+    steps_left = min(steps_per_epoch, run.total_steps - (epoch - 1) * steps_per_epoch) - progress.step_in_epoch
     data_wait = DataWaitClock()
     steps = train_steps(
-        run.model, data_wait.timed(batches), run.optimizer, run.scheduler, run.criterion, accelerator,
-        run.epoch_totals, run.lookahead,
+        run.model, data_wait.timed(first_batches(batches, steps_left)), run.optimizer, run.scheduler, run.criterion,
+        accelerator, run.epoch_totals, run.lookahead,
     )  # fmt: skip
     for loss in steps:
         progress.step_in_epoch += 1
         progress.global_step += 1
         run.watch.observe(loss, progress.global_step)
         bar.update(1)
-        run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch}")
+        # Every 20 steps the host reads values back (the loop's only waits for the device): the loss for the
+        # progress bar, the non-finite check and, across processes, whether any of them was asked to stop.
+        every_twentieth = progress.step_in_epoch % 20 == 0
+        if accelerator.num_processes == 1 or every_twentieth:
+            run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch}")
         if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
             run.save_checkpoint()
-        if progress.step_in_epoch % 20 == 0:
-            run.watch.check(accelerator, len(run.train_loader))
+        if every_twentieth:
+            run.watch.check(accelerator, steps_per_epoch)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    run.watch.check(accelerator, len(run.train_loader))
-    if run.lookahead is not None and epoch == config.epochs:
+    run.watch.check(accelerator, steps_per_epoch)
+    if run.lookahead is not None and epoch == config.epoch_count:
         run.lookahead.finish()  # the last epoch is evaluated and saved as the average
     train_seconds = time.perf_counter() - epoch_start
-    record = evaluate_epoch(run, epoch_start, train_seconds, data_wait.seconds)
+    record = epoch_record(run, epoch_start, train_seconds, data_wait.seconds)
+    if config.evaluates_after(epoch):
+        evaluate_epoch(run, record)
     keep_record(run, record, bar)
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
     run.epoch_totals.zero_()
@@ -441,61 +480,81 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
     run.stop_if_requested(stop, f"after epoch {epoch}", checkpoint)
 
 
-def evaluate_epoch(run: Run, epoch_start: float, train_seconds: float, data_wait_seconds: float) -> dict:
-    """The epoch's line of ``metrics.jsonl``: training sums over all processes, then the evaluation."""
+def train_whitening_bias(run: Run, epoch: int) -> None:
+    """airbench's whitening bias trains for its first epochs, then stops requiring a gradient, so the
+    first layer skips its backward pass. Under DDP every parameter it registered must get a gradient:
+    there the bias keeps one, and its learning rate of zero from then on (``optim.frozen_after``) holds it."""
+    whitening = getattr(run.accelerator.unwrap_model(run.model, keep_torch_compile=False), "whiten", None)
+    if whitening is not None and run.config.whiten_bias_epochs is not None and run.accelerator.num_processes == 1:
+        whitening.bias.requires_grad_(epoch <= run.config.whiten_bias_epochs)
+
+
+def epoch_record(run: Run, epoch_start: float, train_seconds: float, data_wait_seconds: float) -> dict:
+    """The epoch's line of ``metrics.jsonl`` before any evaluation: training sums over all processes."""
     loss_sum, correct, examples = run.accelerator.reduce(run.epoch_totals, reduction="sum").tolist()
-    eval_start = time.perf_counter()
-    eval_stats = evaluate(run.model, run.eval_loader, run.accelerator)
-    epoch_end = time.perf_counter()
     record = {
         "epoch": run.progress.epoch,
         "train_loss": loss_sum / examples,
         "train_acc": correct / examples,
         "train_examples": int(examples),
-        "eval_split": run.data.selection_split,
-        **{f"eval_{name}": value for name, value in eval_stats.items()},
         "lr": run.progress.epoch_learning_rate,
-        "seconds": epoch_end - epoch_start,
+        "seconds": time.perf_counter() - epoch_start,
         "train_seconds": train_seconds,
         "data_wait_seconds": data_wait_seconds,
         "compute_seconds": train_seconds - data_wait_seconds,
-        "eval_seconds": epoch_end - eval_start,
+        "eval_seconds": 0.0,
         "images_per_second": (examples - run.examples_before_resume) / train_seconds,
     }
     run.examples_before_resume = 0.0
     return record
 
 
+def evaluate_epoch(run: Run, record: dict) -> None:
+    """Add the evaluation on the selection split to the epoch's record."""
+    eval_start = time.perf_counter()
+    eval_stats = evaluate(run.model, run.eval_loader, run.accelerator)
+    eval_seconds = time.perf_counter() - eval_start
+    record.update(
+        {"eval_split": run.data.selection_split, **{f"eval_{name}": value for name, value in eval_stats.items()}}
+    )
+    record["eval_seconds"] = eval_seconds
+    record["seconds"] += eval_seconds
+
+
 def keep_record(run: Run, record: dict, bar: tqdm) -> None:
-    """Log the epoch; if it is the best so far, keep its weights in memory and as the saved model."""
+    """Log the epoch; if it was evaluated and is the best so far, keep its weights in memory and as the saved model."""
     run.progress.records.append(record)
     run.accelerator.log(numeric_values(record), step=record["epoch"])
-    if record["eval_top1"] > run.progress.best["eval_top1"]:
+    if "eval_top1" in record and record["eval_top1"] > run.progress.best["eval_top1"]:
         run.progress.best = record
         run.best_state = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
-        if run.folder:
-            data = run.data
-            saved_model_config = model_config(
-                run.config.model, run.config.model_args, data.class_names, data.mean, data.std
-            )
-            save_model(run.accelerator.unwrap_model(run.model), run.folder.best_model_dir, saved_model_config)
+        save_best_model(run)
     if run.folder:
         bar.write(format_epoch_line(record, run.config.epochs))
         run.folder.save_metrics(run.progress.records)
+
+
+def save_best_model(run: Run) -> None:
+    if run.folder:
+        data = run.data
+        saved_model_config = model_config(
+            run.config.model, run.config.model_args, data.class_names, data.mean, data.std
+        )
+        save_model(
+            run.accelerator.unwrap_model(run.model, keep_torch_compile=False),
+            run.folder.best_model_dir,
+            saved_model_config,
+        )
 
 
 def finish_run(run: Run, stop: StopRequest) -> dict:
     """The best epoch's model evaluated once more (with TTA if asked), then ``results.json`` and the reports."""
     config, accelerator, data = run.config, run.accelerator, run.data
     accelerator.wait_for_everyone()
-    best = run.progress.best
-    results = {
-        "best_epoch": best["epoch"],
-        "selected_by": data.selection_split,
-        "best_metrics": best,
-        "num_processes": accelerator.num_processes,
-    }
-    run.model.load_state_dict(run.best_state)
+    selecting = config.eval_strategy == "epoch"
+    results: dict[str, Any] = {"num_processes": accelerator.num_processes}
+    if selecting:
+        run.model.load_state_dict(run.best_state)
     final_split, final_data = data.selection_split, data.evaluation
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
@@ -511,15 +570,23 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
     trained_time = time.perf_counter()  # evaluate() ends in a host sync: the device has finished
     # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader
     # (the device loader normalises with a fused multiply-add, equal only to the last bits), without TTA.
-    final_loader = make_dataloader(final_data, data, False, config.eval_batch_size, config.num_workers)
+    final_loader = make_dataloader(
+        final_data, data, False, config.eval_batch_size, config.num_workers, channels_last=config.channels_last
+    )
     final = evaluate(run.model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
     scores = score_predictions(final.pop("ranked_predictions"), final.pop("labels"), data.class_names)
     disagreeing = [name for name in TOP_K_NAMES if scores[name] != final[name]]
     if disagreeing:  # two independent countings of the same predictions; never expected
         raise RuntimeError(f"the evaluate metric and the loop disagree on {disagreeing}: {scores} vs {final}")
     results["final_metrics"] = {"split": final_split, "loss": final["loss"], "n": final["n"], **scores}
+    if not selecting:  # the last epoch's model is the one kept: its evaluation is this one
+        keep_last_epoch(run, {"loss": final["loss"], "n": final["n"], **{name: scores[name] for name in TOP_K_NAMES}})
+    best = run.progress.best
+    results.update(
+        best_epoch=best["epoch"], selected_by=data.selection_split if selecting else "last", best_metrics=best
+    )
     run.stop_if_requested(stop, "during the final evaluation")
-    accelerator.log({f"final_{name}": scores[name] for name in TOP_K_NAMES}, step=config.epochs)
+    accelerator.log({f"final_{name}": scores[name] for name in TOP_K_NAMES}, step=config.epoch_count)
     results["timing"] = {
         **timing_summary(
             run.progress.records, run.start_time, run.data_ready_time, trained_time, bool(run.resume_from)
@@ -530,13 +597,26 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
         run.folder.save_results(results)
         run.folder.save_reports(run.progress.records, results, config.hub_model_id if config.push_to_hub else None)
     run.stop_if_requested(stop, "while writing the reports")
+    chosen = f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; " if selecting else ""
+    tta = f" ({results['tta_metrics']['top1']:.2%} with TTA)" if config.tta_level else ""
     accelerator.print(
-        f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; "
-        f"{final_split} top1 {final['top1']:.2%}; saved to {config.output_dir}/best "
+        f"{chosen}{final_split} top1 {final['top1']:.2%}{tta}; saved to {config.output_dir}/best "
         f"({results['timing']['total_seconds']:.0f}s)"
     )
     accelerator.end_training()
     return results
+
+
+def keep_last_epoch(run: Run, evaluation: dict) -> None:
+    """With ``--eval_strategy no``: the last epoch's record gets the final evaluation, and its model is saved."""
+    last = run.progress.records[-1]
+    last.update(
+        {"eval_split": run.data.selection_split, **{f"eval_{name}": value for name, value in evaluation.items()}}
+    )
+    run.progress.best = last
+    save_best_model(run)
+    if run.folder:
+        run.folder.save_metrics(run.progress.records)
 
 
 def push(run: Run, stop: StopRequest) -> None:

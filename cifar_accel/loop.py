@@ -74,6 +74,22 @@ def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, to
         yield loss.detach()
 
 
+def first_batches(loader, count: int):
+    """The first ``count`` batches of a prepared loader (all of them, or the start of a fractional last epoch).
+
+    Stopping early, it tells Accelerate that the loader is done, as running to its end would, so that
+    ``gather_for_metrics`` and gradient accumulation then follow the loaders that come after it.
+    """
+    if count >= len(loader):
+        yield from loader
+        return
+    for taken, batch in enumerate(loader, start=1):
+        yield batch
+        if taken == count:
+            break
+    loader.end()
+
+
 class NonFiniteLossWatch:
     """Notes on the device, without a host sync, the first step whose loss was not finite."""
 

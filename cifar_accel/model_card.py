@@ -88,15 +88,20 @@ Per-class top-1 accuracy:
 def _training_section(settings: dict, results: dict) -> str:
     shown = [name for name in KEY_SETTINGS if settings.get(name) not in (None, {})]
     rows = "\n".join(f"| `{name}` | `{json.dumps(settings[name])}` |" for name in shown)
-    selection_note = ""
-    if results["selected_by"] == results["final_metrics"]["split"]:
-        selection_note = " (no validation hold-out: the results above are of the epoch that split chose)"
+    if results["selected_by"] == "last":
+        selection = f"The model is the last epoch's ({results['best_epoch']}); no epoch was selected."
+    else:
+        selection_note = ""
+        if results["selected_by"] == results["final_metrics"]["split"]:
+            selection_note = " (no validation hold-out: the results above are of the epoch that split chose)"
+        chosen_on = results["selected_by"]
+        selection = f"The best epoch ({results['best_epoch']}) was chosen on the `{chosen_on}` split{selection_note}."
     environment, timing = settings["environment"], results["timing"]
     versions = ", ".join(f"{name} {environment[name]}" for name in ("cifar_accel", "torch", "accelerate", "datasets"))
     return f"""## Training
 
 Trained with `cifar-accel train`; every setting is in `train_config.json` and every epoch in `metrics.jsonl`.
-The best epoch ({results["best_epoch"]}) was chosen on the `{results["selected_by"]}` split{selection_note}.
+{selection}
 
 | setting | value |
 |---|---|

@@ -12,14 +12,17 @@ def plot_training_curves(records: list[dict], path: str | Path) -> None:
     from matplotlib.figure import Figure
 
     epochs = [record["epoch"] for record in records]
-    split = records[0]["eval_split"]
+    evaluated = _evaluated(records)
+    evaluated_epochs = [record["epoch"] for record in evaluated]
+    split = evaluated[0]["eval_split"] if evaluated else "eval"
     figure = Figure(figsize=(13, 3.8), layout="constrained")
     loss_axes, accuracy_axes, rate_axes = figure.subplots(1, 3)
     loss_axes.plot(epochs, [record["train_loss"] for record in records], marker="o", label="train")
-    loss_axes.plot(epochs, [record["eval_loss"] for record in records], marker="o", label=split)
+    loss_axes.plot(evaluated_epochs, [record["eval_loss"] for record in evaluated], marker="o", label=split)
     loss_axes.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
-    for key, label in (("train_acc", "train top-1"), ("eval_top1", f"{split} top-1"), ("eval_top5", f"{split} top-5")):
-        accuracy_axes.plot(epochs, [100 * record[key] for record in records], marker="o", label=label)
+    accuracy_axes.plot(epochs, [100 * record["train_acc"] for record in records], marker="o", label="train top-1")
+    for key, label in (("eval_top1", f"{split} top-1"), ("eval_top5", f"{split} top-5")):
+        accuracy_axes.plot(evaluated_epochs, [100 * record[key] for record in evaluated], marker="o", label=label)
     accuracy_axes.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     rate_axes.plot(epochs, [record["lr"] for record in records], marker="o")
     rate_axes.set(title="Learning rate (at the start of each epoch)", xlabel="epoch", ylabel="learning rate")
@@ -71,10 +74,11 @@ def plot_run_comparison(runs: dict[str, list[dict]], path: str | Path) -> None:
     figure = Figure(figsize=(12, 4.2), layout="constrained")
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     for name, records in runs.items():
+        records = _evaluated(records)
         epochs = [record["epoch"] for record in records]
         accuracy_axes.plot(epochs, [100 * record["eval_top1"] for record in records], marker="o", label=name)
         loss_axes.plot(epochs, [record["eval_loss"] for record in records], marker="o", label=name)
-    splits = sorted({record["eval_split"] for records in runs.values() for record in records})
+    splits = sorted({record["eval_split"] for records in runs.values() for record in _evaluated(records)})
     accuracy_axes.set(title=f"Top-1 on {'/'.join(splits)}", xlabel="epoch", ylabel="accuracy (%)")
     loss_axes.set(title=f"Loss on {'/'.join(splits)}", xlabel="epoch", ylabel="cross-entropy")
     for axes in (accuracy_axes, loss_axes):
@@ -82,6 +86,11 @@ def plot_run_comparison(runs: dict[str, list[dict]], path: str | Path) -> None:
         axes.xaxis.get_major_locator().set_params(integer=True)
     accuracy_axes.legend(fontsize=8)
     _save(figure, path)
+
+
+def _evaluated(records: list[dict]) -> list[dict]:
+    """The epochs that were evaluated (``--eval_strategy``/``--eval_epochs`` may skip some)."""
+    return [record for record in records if "eval_top1" in record]
 
 
 def _save(figure, path: str | Path) -> None:

@@ -13,13 +13,17 @@ from cifar_accel.model_card import build_model_card
 from cifar_accel.plots import plot_confusion_matrix, plot_training_curves
 
 
-def format_epoch_line(record: dict, epochs: int) -> str:
-    """One line per epoch, in the style of the seed projects' logs."""
+def format_epoch_line(record: dict, epochs: float) -> str:
+    """One line per epoch, in the style of the seed projects' logs; an epoch not evaluated has no eval part."""
+    evaluation = (
+        f" | {record['eval_split']} loss {record['eval_loss']:.4f} top1 {record['eval_top1']:6.2%}"
+        f" top5 {record['eval_top5']:6.2%}"
+        if "eval_top1" in record
+        else ""
+    )
     return (
         f"epoch {record['epoch']:>3}/{epochs} | train loss {record['train_loss']:.4f} acc {record['train_acc']:6.2%}"
-        f" | {record['eval_split']} loss {record['eval_loss']:.4f} top1 {record['eval_top1']:6.2%}"
-        f" top5 {record['eval_top5']:6.2%} | lr {record['lr']:.4g} | {record['seconds']:.1f}s"
-        f" ({record['images_per_second']:.0f} img/s)"
+        f"{evaluation} | lr {record['lr']:.4g} | {record['seconds']:.1f}s ({record['images_per_second']:.0f} img/s)"
     )
 
 

@@ -8,28 +8,31 @@ from torch import Tensor, nn
 class Lookahead:
     """airbench's lookahead: every ``every`` steps an EMA of the weights moves toward them and
     the weights are put back on the EMA; the EMA's pull grows from 0 to 0.95^5 over training.
+    At the end the weights become the EMA as of its last pull (airbench's final decay of 1.0).
 
     The average starts from the weights at the first pull rather than at initialisation: the same
     to within 1e-6 for a full run (the pull is ~0 early on), and a run of a few steps keeps its learning.
     """
 
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
-        self.model, self.total_steps, self.every = model, max(total_steps, 1), every
+        self.total_steps, self.every = max(total_steps, 1), every
         self.steps = 0
-        self.average: dict[str, Tensor] | None = None
+        # The floating-point weights and buffers, listed once: each pull is two foreach kernels over them.
+        self.names, self.weights = zip(
+            *((name, t) for name, t in model.state_dict().items() if t.dtype in (torch.float16, torch.float32)),
+            strict=True,
+        )
+        self.average: list[Tensor] | None = None
 
     def state_dict(self) -> dict[str, Tensor]:
         """For checkpoints: the step count and the running average, as tensors."""
-        average = {f"average.{name}": tensor for name, tensor in (self.average or {}).items()}
-        return {"steps": torch.tensor(self.steps), **average}
+        average = zip(self.names, self.average or (), strict=False)
+        return {"steps": torch.tensor(self.steps), **{f"average.{name}": tensor for name, tensor in average}}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.steps = int(state["steps"])
-        average = {name.removeprefix("average."): tensor for name, tensor in state.items() if name != "steps"}
-        self.average = {name: tensor.clone() for name, tensor in average.items()} or None
-
-    def _float_state(self) -> dict[str, Tensor]:
-        return {name: t for name, t in self.model.state_dict().items() if t.dtype in (torch.float16, torch.float32)}
+        saved = {name.removeprefix("average."): tensor for name, tensor in state.items() if name != "steps"}
+        self.average = [saved[name].clone() for name in self.names] if saved else None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -40,16 +43,15 @@ class Lookahead:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """End of training: fold in the steps since the last pull, then keep the average."""
-        if self.steps % self.every:
-            self._pull(decay=0.95**self.every * (self.steps / self.total_steps) ** 3)
+        """End of training: the weights become the average (a run too short for a pull keeps its weights)."""
+        if self.average is not None:
+            torch._foreach_copy_(self.weights, self.average)
 
     def _pull(self, decay: float) -> None:
         if self.average is None:
-            self.average = {name: tensor.detach().clone() for name, tensor in self._float_state().items()}
-        for name, tensor in self._float_state().items():
-            self.average[name].lerp_(tensor, 1 - decay)
-            tensor.copy_(self.average[name])
+            self.average = [tensor.detach().clone() for tensor in self.weights]
+        torch._foreach_lerp_(self.average, self.weights, 1 - decay)
+        torch._foreach_copy_(self.weights, self.average)
 
 
 def _mirror_average(model: nn.Module, images: Tensor) -> Tensor:
@@ -65,5 +67,9 @@ def tta_logits(model: nn.Module, images: Tensor, level: int) -> Tensor:
     if level == 1:
         return mirrored
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    shifted = _mirror_average(model, padded[..., :-2, :-2]) + _mirror_average(model, padded[..., 2:, 2:])
+    # Copied into tensors laid out like the batch: a compiled model then sees one shape and one stride.
+    up_left, down_right = (
+        torch.empty_like(images).copy_(view) for view in (padded[..., :-2, :-2], padded[..., 2:, 2:])
+    )
+    shifted = _mirror_average(model, up_left) + _mirror_average(model, down_right)
     return 0.5 * mirrored + 0.25 * shifted

@@ -50,7 +50,7 @@ def test_flags_are_parsed_into_typed_fields():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--epochs", "0"], "--epochs must be more than 0 and at most 10^6 (fractions allowed, e.g. 9.9), got 0"),
         (["--learning_rate", "-1"], "--learning_rate must be a positive finite number, got -1.0"),
         (["--learning_rate", "inf"], "--learning_rate must be a positive finite number, got inf"),
         (["--learning_rate", "nan"], "--learning_rate must be a positive finite number, got nan"),
@@ -141,7 +141,7 @@ def test_every_shipped_recipe_is_complete_and_valid():
         ("epochs: [1, 2\n", "is not valid YAML"),
         ("- just a list\n", "must be a mapping"),
         ("epochs: many\n", "recipe setting epochs: 'many' is not a valid int"),
-        ("epochs: 2.5\n", "recipe setting epochs: 2.5 is not a valid int"),
+        ("epochs: true\n", "recipe setting epochs: True is not a valid float"),
         ("nesterov: 1\n", "recipe setting nesterov: 1 is not a valid bool"),
         ("learning_rate: true\n", "recipe setting learning_rate: True is not a valid float"),
         ("learning_rate: .nan\n", "--learning_rate must be a positive finite number, got nan"),

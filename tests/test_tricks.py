@@ -36,6 +36,21 @@ def test_lookahead_keeps_an_average_that_the_weights_end_on():
     assert torch.allclose(layer.weight, torch.tensor([[expected]]))
 
 
+def test_lookahead_ends_on_the_average_of_its_last_pull_as_airbench_does():
+    layer = nn.Linear(1, 1, bias=False)
+    lookahead = Lookahead(layer, total_steps=7, every=5)
+    for step in range(7):
+        with torch.no_grad():
+            layer.weight.fill_(float(step + 1))
+        lookahead.step()
+    assert layer.weight.item() == 7.0  # steps 6 and 7 moved the weights after the pull at step 5
+    lookahead.finish()  # decay 1.0: the weights become the average, which the pull at step 5 set to 5
+    assert layer.weight.item() == 5.0
+    restored = Lookahead(layer, total_steps=7, every=5)
+    restored.load_state_dict(lookahead.state_dict())
+    assert restored.steps == 7 and restored.average[0].item() == 5.0
+
+
 def test_airbench_whitening_decorrelates_patches_of_its_training_images():
     torch.manual_seed(0)
     images = torch.randn(64, 3, 32, 32)

@@ -79,6 +79,7 @@ class AirbenchNet(nn.Module):
         whitening_width = 2 * 3 * WHITENING_KERNEL**2
         self.whiten = nn.Conv2d(3, whitening_width, WHITENING_KERNEL, bias=True)
         self.whiten.weight.requires_grad_(False)  # set from the data by initialize_whitening
+        nn.init.zeros_(self.whiten.bias)  # as airbench starts it
         self.activation = nn.GELU()
         in_widths = (whitening_width, *widths[:-1])
         self.groups = nn.Sequential(
