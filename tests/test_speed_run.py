@@ -95,7 +95,10 @@ def test_an_airbench94_epoch_reads_back_from_the_device_only_every_20_steps_and_
             by_step.setdefault(step, []).append(f"{name} at {line}")
     # Step 20: the progress bar's loss and the non-finite check; the end of the epoch: its sums and what follows.
     assert set(by_step) == {20, steps_per_epoch}, by_step
-    assert sorted(by_step[20]) == ["__getitem__ at cifar_accel/loop.py:check", "item at cifar_accel/engine.py:train_epoch"]
+    assert sorted(by_step[20]) == [
+        "__getitem__ at cifar_accel/loop.py:check",
+        "item at cifar_accel/engine.py:train_epoch",
+    ]
 
 
 @pytest.fixture
