@@ -29,7 +29,7 @@ IMAGE_SIDE = 32
 
 # setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": (lambda value: 0 < value <= 10**6, "more than 0 and at most 10^6 (fractions allowed, e.g. 9.9)"),
+    "epochs": (lambda value: 0 < value <= 10**6, "more than 0 and at most a million"),
     "eval_epochs": (lambda value: value >= 1, "at least 1"),
     "batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
     "eval_batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),

@@ -50,7 +50,7 @@ def test_flags_are_parsed_into_typed_fields():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epochs", "0"], "--epochs must be more than 0 and at most 10^6 (fractions allowed, e.g. 9.9), got 0"),
+        (["--epochs", "0"], "--epochs must be more than 0 and at most a million, got 0"),
         (["--learning_rate", "-1"], "--learning_rate must be a positive finite number, got -1.0"),
         (["--learning_rate", "inf"], "--learning_rate must be a positive finite number, got inf"),
         (["--learning_rate", "nan"], "--learning_rate must be a positive finite number, got nan"),

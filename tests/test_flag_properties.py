@@ -19,7 +19,12 @@ from cifar_accel.errors import UserError
 
 numbers = st.floats(allow_nan=True, allow_infinity=True)
 FLAG_VALUES = {
-    "--epochs": st.one_of(st.integers(-2, 2), st.sampled_from(["two", "1.5", ""])),
+    "--epochs": st.one_of(st.integers(-2, 2), st.sampled_from(["two", "1.5", "0.1", "nan", "inf", ""])),
+    "--eval_strategy": st.sampled_from(["epoch", "no", "steps"]),
+    "--eval_epochs": st.integers(-1, 3),
+    "--warmup_start_fraction": st.floats(-0.5, 1.5),
+    "--validation_size": st.integers(0, 8),
+    "--compile_mode": st.sampled_from(["default", "max-autotune", "fast"]),
     "--batch_size": st.one_of(st.integers(-1, 96), st.just("lots")),
     "--learning_rate": st.one_of(numbers, st.floats(1e-4, 0.1), st.just("fast")),
     "--momentum": st.one_of(numbers, st.floats(0, 0.99)),
@@ -71,7 +76,10 @@ def assert_within_documented_ranges(config) -> None:
     assert 0 <= config.momentum < 1 and 0 <= config.label_smoothing < 1 and 0 <= config.warmup_fraction <= 1
     assert math.isfinite(config.weight_decay) and config.weight_decay >= 0 and config.gamma > 0
     assert 0 <= config.seed < 2**32 and 0 <= config.crop_padding < 32 and 0 <= config.cutout < 32
-    assert config.epochs >= 1 and config.batch_size >= 1 and config.tta_level in (0, 1, 2)
+    assert 0 < config.epochs <= 10**6 and config.batch_size >= 1 and config.tta_level in (0, 1, 2)
+    assert config.eval_epochs >= 1 and 0 <= config.warmup_start_fraction <= 1
+    assert not (config.eval_strategy == "no" and config.validation_size)  # nothing would be selected on it
+    assert config.compile or config.compile_mode == "default"
     assert all(0 < milestone < 1 for milestone in config.milestones) and config.milestones == sorted(config.milestones)
 
 
