@@ -279,6 +279,8 @@ def _number(kind: type) -> Any:
 
     def convert(text: str) -> Any:
         try:
+            if kind is float and text.strip().lstrip("+-").isdigit():
+                return int(text)  # "--epochs 3" stays 3, as "epochs: 3" in a recipe does, in logs and refusals
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(

@@ -455,9 +455,9 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
         run.watch.observe(loss, progress.global_step)
         bar.update(1)
         # Every 20 steps the host reads values back (the loop's only waits for the device): the loss for the
-        # progress bar, the non-finite check and, across processes, whether any of them was asked to stop.
+        # progress bar, the non-finite check and, across GPUs, whether any process was asked to stop.
         every_twentieth = progress.step_in_epoch % 20 == 0
-        if accelerator.num_processes == 1 or every_twentieth:
+        if accelerator.num_processes == 1 or accelerator.device.type == "cpu" or every_twentieth:
             run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch}")
         if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
             run.save_checkpoint()
@@ -573,7 +573,9 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
     final_loader = make_dataloader(
         final_data, data, False, config.eval_batch_size, config.num_workers, channels_last=config.channels_last
     )
-    final = evaluate(run.model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
+    # In float32, without the mixed-precision wrapper: the numbers `cifar-accel evaluate` gives for the saved model.
+    float32_model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    final = evaluate(float32_model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
     scores = score_predictions(final.pop("ranked_predictions"), final.pop("labels"), data.class_names)
     disagreeing = [name for name in TOP_K_NAMES if scores[name] != final[name]]
     if disagreeing:  # two independent countings of the same predictions; never expected
@@ -614,6 +616,8 @@ def keep_last_epoch(run: Run, evaluation: dict) -> None:
         {"eval_split": run.data.selection_split, **{f"eval_{name}": value for name, value in evaluation.items()}}
     )
     run.progress.best = last
+    run.accelerator.log({name: value for name, value in numeric_values(last).items() if name.startswith("eval_")},
+                        step=last["epoch"])  # fmt: skip
     save_best_model(run)
     if run.folder:
         run.folder.save_metrics(run.progress.records)
