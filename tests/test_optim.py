@@ -75,3 +75,18 @@ def test_airbench_groups_speed_up_batchnorm_biases_and_freeze_the_whitening_bias
         scheduler.step()
     rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
     assert rates["whitening_bias"] == 0.0 and rates["other"] > 0 and rates["norm_bias"] == 64 * rates["other"]
+
+
+def test_the_airbench94_recipe_runs_airbench_triangle_over_476_steps():
+    """9.9 epochs of 48 full batches of 1024 (50,000 images, last batch dropped): 476 steps, from 0.2 of the peak
+    up to the peak at 23% (step 109), down to 0.07 of it at the end, as airbench94 schedules them."""
+    from cifar_accel.config import parse_train_args
+    from cifar_accel.optim import lr_multiplier, total_updates
+
+    config = parse_train_args(["--recipe", "airbench94"])
+    steps = total_updates(config, 50_000 // config.batch_size)
+    multiplier = lr_multiplier(config, steps)
+    assert (config.epochs, config.drop_last, steps) == (9.9, True, 476)
+    assert multiplier(0) == pytest.approx(0.2) and multiplier(109) == pytest.approx(1.0)
+    assert multiplier(54) == pytest.approx(0.2 + 0.8 * 54 / 109)
+    assert multiplier(476) == pytest.approx(0.07) and multiplier(300) == pytest.approx(0.07 + 0.93 * 176 / 367)
