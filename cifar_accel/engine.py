@@ -331,6 +331,11 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, eval_loader, scheduler
     )
+    if not len(train_loader):
+        raise UserError(
+            f"--drop_last leaves no full batch: {len(data.train)} training examples, batch {config.batch_size} x "
+            f"{accelerator.num_processes} process(es); lower --batch_size or drop --drop_last"
+        )
     # This process's updates and batches, now that prepare() has sharded the loader.
     process_updates = total_updates(config, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
     lookahead = (

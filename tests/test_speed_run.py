@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from cifar_accel import engine
 from cifar_accel.checkpoint import StopRequest
 from cifar_accel.config import parse_train_args
+from cifar_accel.errors import UserError
 
 # Calls after which the host holds a value computed on the device, so it waits for the device's queue.
 WAITING_CALLS = {
@@ -159,3 +160,13 @@ def test_eval_epochs_evaluates_every_nth_epoch_and_the_last_and_selects_among_th
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert ["eval_top1" in record for record in records] == [False, True, True]
     assert results["selected_by"] == "test" and results["best_epoch"] in (2, 3)
+
+
+def test_drop_last_that_leaves_no_batch_is_refused_before_anything_is_written(colour_dataset, tmp_path):
+    config = parse_train_args(
+        ["--model", "bn_cnn", "--dataset", str(colour_dataset), "--output_dir", str(tmp_path / "run"),
+         "--batch_size", "512", "--drop_last", "--num_workers", "0"]
+    )  # fmt: skip
+    with pytest.raises(UserError, match="--drop_last leaves no full batch: 256 training examples, batch 512 x 1"):
+        engine.train(config)
+    assert not (tmp_path / "run").exists()
