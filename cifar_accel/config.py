@@ -343,7 +343,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             raise ValueError  # int(2.5) would silently train 2 epochs
         return kind(value)
     except (TypeError, ValueError, OverflowError):
-        raise UserError(f"recipe setting {name}: {value!r} is not a valid {kind.__name__}") from None
+        hint = " (YAML reads a bare no/yes/on/off as false/true: quote the word)" if isinstance(value, bool) else ""
+        raise UserError(f"recipe setting {name}: {value!r} is not a valid {kind.__name__}{hint}") from None
 
 
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:

@@ -325,19 +325,20 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         check_data(resume_from, data_digest, config.dataset)
     model = build_model(config, data, accelerator, train_loader)
     optimizer = build_optimizer(model, config, accelerator.device)
-    # Counted before prepare(), as for one process: the prepared scheduler steps once per process.
-    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch=updates_per_epoch)
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
+    model, prepared_optimizer, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader
     )
     if not len(train_loader):
         raise UserError(
             f"--drop_last leaves no full batch: {len(data.train)} training examples, batch {config.batch_size} x "
             f"{accelerator.num_processes} process(es); lower --batch_size or drop --drop_last"
         )
-    # This process's updates and batches, now that prepare() has sharded the loader.
-    process_updates = total_updates(config, math.ceil(len(train_loader) / config.gradient_accumulation_steps))
+    # This process's updates, now that prepare() has sharded the loader. The prepared scheduler steps once per
+    # process at each update, so it counts them for all processes.
+    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    process_updates = total_updates(config, updates_per_epoch)
+    scheduler = build_scheduler(optimizer, config, updates_per_epoch, accelerator.num_processes)
+    optimizer, scheduler = prepared_optimizer, accelerator.prepare(scheduler)
     lookahead = (
         Lookahead(accelerator.unwrap_model(model, keep_torch_compile=False), process_updates)
         if config.lookahead

@@ -16,8 +16,9 @@ LIBRARY_NAME = "cifar-accel"
 # The settings a reader needs to judge and repeat a run; the card links train_config.json for the rest.
 KEY_SETTINGS = (
     "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
-    "momentum", "scheduler", "warmup_fraction", "label_smoothing", "crop_padding", "cutout", "alternating_flip",
-    "lookahead", "mixed_precision", "max_train_samples", "max_eval_samples", "validation_size", "seed",
+    "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction", "label_smoothing",
+    "crop_padding", "cutout", "alternating_flip", "drop_last", "lookahead", "mixed_precision", "eval_strategy",
+    "eval_epochs", "max_train_samples", "max_eval_samples", "validation_size", "seed",
 )  # fmt: skip
 
 

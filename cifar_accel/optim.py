@@ -113,10 +113,12 @@ def frozen_after(multiplier: Callable[[int], float], last_step: int | None) -> C
     return lambda step: multiplier(step) if step < last_step else 0.0
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: int) -> LambdaLR:
-    """``steps_per_epoch`` counts optimizer updates of a single process seeing the whole dataset;
-    Accelerate's prepared scheduler advances it once per process per update to match."""
-    multiplier = lr_multiplier(config, total_updates(config, steps_per_epoch))
-    whitening_steps = None if config.whiten_bias_epochs is None else steps_per_epoch * config.whiten_bias_epochs
+def build_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: int, num_processes: int = 1) -> LambdaLR:
+    """``steps_per_epoch`` counts one process's optimizer updates in an epoch. Accelerate's prepared
+    scheduler advances once per process at each update, so the schedule spans ``num_processes`` times them."""
+    multiplier = lr_multiplier(config, num_processes * total_updates(config, steps_per_epoch))
+    whitening_steps = None
+    if config.whiten_bias_epochs is not None:
+        whitening_steps = num_processes * steps_per_epoch * config.whiten_bias_epochs
     per_group = {"whitening_bias": frozen_after(multiplier, whitening_steps)}
     return LambdaLR(optimizer, [per_group.get(group["name"], multiplier) for group in optimizer.param_groups])

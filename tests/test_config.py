@@ -150,6 +150,7 @@ def test_every_shipped_recipe_is_complete_and_valid():
         ("- just a list\n", "must be a mapping"),
         ("epochs: many\n", "recipe setting epochs: 'many' is not a valid float"),
         ("epochs: true\n", "recipe setting epochs: True is not a valid float"),
+        ("eval_strategy: no\n", "eval_strategy: False is not a valid str \\(YAML reads a bare no/yes/on/off as"),
         ("nesterov: 1\n", "recipe setting nesterov: 1 is not a valid bool"),
         ("learning_rate: true\n", "recipe setting learning_rate: True is not a valid float"),
         ("learning_rate: .nan\n", "--learning_rate must be a positive finite number, got nan"),

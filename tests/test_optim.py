@@ -90,3 +90,15 @@ def test_the_airbench94_recipe_runs_airbench_triangle_over_476_steps():
     assert multiplier(0) == pytest.approx(0.2) and multiplier(109) == pytest.approx(1.0)
     assert multiplier(54) == pytest.approx(0.2 + 0.8 * 54 / 109)
     assert multiplier(476) == pytest.approx(0.07) and multiplier(300) == pytest.approx(0.07 + 0.93 * 176 / 367)
+
+
+def test_the_schedule_spans_every_process_step_of_the_prepared_scheduler():
+    """Accelerate steps a prepared scheduler once per process at each update: 2 processes with 3 updates
+    per epoch each, 2 epochs, make 12 scheduler steps, and the decay ends on the last of them."""
+    config = TrainConfig(scheduler="onecycle", learning_rate=1.0, warmup_fraction=0.0, epochs=2)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=3, num_processes=2)
+    for _ in range(11):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1 / 12)

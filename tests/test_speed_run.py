@@ -170,3 +170,19 @@ def test_drop_last_that_leaves_no_batch_is_refused_before_anything_is_written(co
     with pytest.raises(UserError, match="--drop_last leaves no full batch: 256 training examples, batch 512 x 1"):
         engine.train(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fractional_last_epoch_applies_its_partial_gradient_accumulation(colour_dataset, tmp_path):
+    """4 batches per epoch, updates of 3 batches, 1.5 epochs: the 2 batches of the cut epoch still make an update."""
+    from safetensors.torch import load_file
+
+    config = parse_train_args(
+        ["--model", "bn_cnn", "--dataset", str(colour_dataset), "--output_dir", str(tmp_path), "--epochs", "1.5",
+         "--batch_size", "64", "--gradient_accumulation_steps", "3", "--eval_strategy", "no",
+         "--checkpointing_steps", "4", "--learning_rate", "0.05", "--num_workers", "0"]
+    )  # fmt: skip
+    engine.train(config)
+    after_epoch_1 = load_file(tmp_path / "checkpoints" / "step_4" / "model.safetensors")
+    final = load_file(tmp_path / "best" / "model.safetensors")
+    weights = [name for name in final if name.endswith("weight") and "norm" not in name]
+    assert weights and not any(torch.equal(after_epoch_1[name], final[name]) for name in weights)
