@@ -84,10 +84,11 @@ def first_batches(loader, count: int):
         yield from loader
         return
     for taken, batch in enumerate(loader, start=1):
-        if taken == count:  # the last one: gradient accumulation applies its partial window, as at a loader's end
+        last = taken == count
+        if last:  # gradient accumulation applies its partial window, as at a loader's end
             loader.end_of_dataloader = True
         yield batch
-        if taken == count:
+        if last:
             break
     loader.end()
 

@@ -22,13 +22,19 @@ def test_tta_levels_average_flips_and_one_pixel_shifts():
     assert level2.shape == (2, 4) and not torch.allclose(level2, mirrored)
 
 
-def test_lookahead_keeps_an_average_that_the_weights_end_on():
+def lookahead_over_steps(total_steps: int) -> tuple[nn.Linear, Lookahead]:
+    """A one-weight layer whose optimizer 'step' k sets the weight to k, with lookahead every 5 steps."""
     layer = nn.Linear(1, 1, bias=False)
-    lookahead = Lookahead(layer, total_steps=10, every=5)
-    for step in range(10):
+    lookahead = Lookahead(layer, total_steps=total_steps, every=5)
+    for step in range(total_steps):
         with torch.no_grad():
             layer.weight.fill_(float(step + 1))
         lookahead.step()
+    return layer, lookahead
+
+
+def test_lookahead_keeps_an_average_that_the_weights_end_on():
+    layer, lookahead = lookahead_over_steps(10)
     # pulls at steps 5 (starts the average at 5) and 10 (decay 0.95^5): 0.774 * 5 + 0.226 * 10
     expected = 0.95**5 * 5 + (1 - 0.95**5) * 10
     assert torch.allclose(layer.weight, torch.tensor([[expected]]))
@@ -37,12 +43,7 @@ def test_lookahead_keeps_an_average_that_the_weights_end_on():
 
 
 def test_lookahead_ends_on_the_average_of_its_last_pull_as_airbench_does():
-    layer = nn.Linear(1, 1, bias=False)
-    lookahead = Lookahead(layer, total_steps=7, every=5)
-    for step in range(7):
-        with torch.no_grad():
-            layer.weight.fill_(float(step + 1))
-        lookahead.step()
+    layer, lookahead = lookahead_over_steps(7)
     assert layer.weight.item() == 7.0  # steps 6 and 7 moved the weights after the pull at step 5
     lookahead.finish()  # decay 1.0: the weights become the average, which the pull at step 5 set to 5
     assert layer.weight.item() == 5.0
