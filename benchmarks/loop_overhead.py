@@ -22,7 +22,7 @@ from cifar_accel.data import load_data
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.loop import DataWaitClock, NonFiniteLossWatch, train_steps
 from cifar_accel.models import get_model
-from cifar_accel.optim import build_optimizer, build_scheduler
+from cifar_accel.optim import build_optimizers, build_scheduler
 
 TARGET = 0.97
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     def fresh(model_template):
         model = copy.deepcopy(model_template).to(accelerator.device)
-        optimizer = build_optimizer(model, config)
+        (optimizer,) = build_optimizers(model, config)
         loader = make_device_dataloader(data.train, data, True, args.batch_size, accelerator.device)
         scheduler = build_scheduler(optimizer, config, steps_per_epoch=len(loader))
         return model, loader, optimizer, scheduler

@@ -17,6 +17,7 @@ of 5, so a run of under 5 steps in all (batch 1,024: one epoch of under 5,120 im
 
     python benchmarks/time_to_accuracy.py --dataset ../shared/cifar10 --runs 10
     python benchmarks/time_to_accuracy.py --airbench_on_cpu --train_images 10240 --epochs 1 --runs 2
+    python benchmarks/time_to_accuracy.py --airbench_on_cpu --runs 1 --no-warm_up   # full length, ~1 h on 2 cores
     python benchmarks/time_to_accuracy.py --quick          # CPU smoke: our side, 2,000 images, 1 epoch
 """
 
@@ -45,7 +46,9 @@ from cifar_accel.engine import train
 from cifar_accel.recipes import list_recipes
 
 RESULTS_DIRECTORY = Path(__file__).parent / "results"
-SETTINGS_RECORDED = ("runs", "seed_base", "cudnn_benchmark", "airbench_on_cpu", "train_images", "eval_images", "epochs")
+SETTINGS_RECORDED = (
+    "runs", "seed_base", "cudnn_benchmark", "warm_up", "airbench_on_cpu", "train_images", "eval_images", "epochs",
+)  # fmt: skip
 
 
 def run_ours(recipe: str, dataset: str, our_flags: list[str], seed: int) -> dict:
@@ -175,6 +178,10 @@ def main() -> None:
     parser.add_argument(
         "--epochs", type=float, help="both sides, fractions allowed (ours --epochs, airbench train94's epochs=)"
     )
+    parser.add_argument(
+        "--warm_up", action=on_or_off, default=True,
+        help="one untimed run per side first (compiles ours); --no-warm_up for long uncompiled runs on the CPU",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: our side, 2,000 images, 1 epoch, 1 run")
     parser.add_argument("--results_dir", default=str(RESULTS_DIRECTORY), help="where the per-run JSON goes")
     args = parser.parse_args()
@@ -209,7 +216,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in sides}
     warm_ups: dict[str, dict] = {}
     # Round -1 warms each side up (and compiles ours) with a seed no counted run uses; --quick skips it.
-    for round_index in range(0 if args.quick else -1, args.runs):
+    for round_index in range(0 if args.quick or not args.warm_up else -1, args.runs):
         seed = args.seed_base + (args.runs if round_index < 0 else round_index)
         for name, run in sides.items():
             outcome = {"seed": seed, **run(seed)}
@@ -261,13 +268,13 @@ def main() -> None:
     print("| system | accuracy (mean ± s.e.) | seconds (mean ± s.e.) | warm-up (compile) seconds, not counted |")
     print("|---|---|---|---|")
     for name in results:
-        warm_up = f"{warm_ups[name]['seconds']:.2f}" if name in warm_ups else "none (--quick)"
+        warm_up = f"{warm_ups[name]['seconds']:.2f}" if name in warm_ups else "none"
         print(f"| {name} | {formatted(accuracies_of[name], 4)} | {formatted(seconds_of[name], 2)} | {warm_up} |")
     if compiles:
         print(
             "our torch.compile ran in-process during the untimed warm-up, so the timed runs reuse it"
             if warm_ups
-            else "--quick has no warm-up: the compile time is inside the one timed run"
+            else "no warm-up: the compile time is inside the first timed run"
         )
     if ratio:
         spread = "(n=1)" if ratio["standard_error"] is None else f"± {ratio['standard_error']:.3f}"

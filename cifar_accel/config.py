@@ -19,7 +19,7 @@ from typing import Any
 from cifar_accel.errors import UserError
 
 DATA_LOADERS = ("torch", "device")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "muon")
 SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
@@ -44,6 +44,9 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda value: 0 < value < math.inf, "a positive finite number"),
     "weight_decay": (lambda value: 0 <= value < math.inf, "zero or a positive finite number"),
     "bias_lr_scale": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "whiten_bias_lr_scale": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "muon_learning_rate": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "muon_momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
     "gamma": (lambda value: 0 < value < math.inf, "a positive finite number"),
     "momentum": (lambda value: 0 <= value < 1, "in [0, 1)"),
     "label_smoothing": (lambda value: 0 <= value < 1, "in [0, 1)"),
@@ -94,10 +97,12 @@ class TrainConfig:
     batch_size: int = _option(512, "examples per device per step; global batch = this x processes x accumulation")
     eval_batch_size: int = _option(1024, "examples per device per evaluation step")
     learning_rate: float = _option(0.4, "peak learning rate")
-    weight_decay: float = _option(5e-4, "L2 weight decay (decoupled for adamw)")
-    optimizer: str = _option("sgd", "optimizer", OPTIMIZERS)
+    weight_decay: float = _option(5e-4, "L2 weight decay (decoupled for adamw; muon keeps conv filters at a set norm)")
+    optimizer: str = _option("sgd", "optimizer (muon: Muon for the conv filters, SGD for the rest)", OPTIMIZERS)
     momentum: float = _option(0.9, "SGD momentum (adamw: beta1)")
-    nesterov: bool = _option(True, "use Nesterov momentum with SGD")
+    nesterov: bool = _option(True, "use Nesterov momentum with SGD (and Muon)")
+    muon_learning_rate: float = _option(0.24, "--optimizer muon: learning rate of the conv filters")
+    muon_momentum: float = _option(0.6, "--optimizer muon: momentum of the conv filters")
     scheduler: str = _option("onecycle", "learning-rate schedule after warm-up", SCHEDULERS)
     warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up")
     warmup_start_fraction: float = _option(0.0, "warm-up starts at this fraction of the peak learning rate")
@@ -107,6 +112,10 @@ class TrainConfig:
     label_smoothing: float = _option(0.2, "label smoothing of the training loss")
     bias_lr_scale: float = _option(1.0, "learning-rate multiplier for BatchNorm biases (their decay is divided by it)")
     whiten_bias_epochs: int | None = _option(None, "airbench models: epochs the whitening bias trains (default: all)")
+    whiten_bias_lr_scale: float = _option(1.0, "learning-rate multiplier for the whitening bias (decay divided by it)")
+    whiten_bias_decay: bool = _option(
+        False, "the whitening bias's learning rate falls straight to 0 over --whiten_bias_epochs (airbench94_muon)"
+    )
     lookahead: bool = _option(False, "every 5 steps pull the weights to an EMA of themselves (airbench's lookahead)")
     tta_level: int = _option(0, "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + 1-px shifts")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
@@ -179,6 +188,7 @@ class TrainConfig:
             raise UserError("--validation_size selects the best epoch; with --eval_strategy no nothing is selected")
         if self.compile_mode != "default" and not self.compile:
             raise UserError(f"--compile_mode {self.compile_mode} needs --compile")
+        self._check_optimizer_settings()
         if not self.dataset.strip():
             raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
         from cifar_accel.files import check_writable_folder
@@ -196,6 +206,15 @@ class TrainConfig:
             from cifar_accel.reporting import tracker_names
 
             tracker_names(self.report_to)  # a missing package is refused before anything runs
+
+    def _check_optimizer_settings(self) -> None:
+        """Settings that another choice would silently ignore are refused."""
+        defaults = TrainConfig.__dataclass_fields__
+        for name in ("muon_learning_rate", "muon_momentum"):
+            if self.optimizer != "muon" and getattr(self, name) != defaults[name].default:
+                raise UserError(f"--{name} applies to --optimizer muon, not {self.optimizer}")
+        if self.whiten_bias_decay and self.whiten_bias_epochs is None:
+            raise UserError("--whiten_bias_decay needs --whiten_bias_epochs: the epochs over which it falls to 0")
 
     def _check_types(self) -> None:
         """Settings from a recipe, a saved config or Python code have the type their flag would give."""

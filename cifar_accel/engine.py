@@ -71,7 +71,7 @@ from cifar_accel.loop import (
     train_steps,
 )
 from cifar_accel.models import get_model
-from cifar_accel.optim import build_optimizer, build_scheduler, total_updates
+from cifar_accel.optim import build_optimizers, build_scheduler, total_updates
 from cifar_accel.reporting import (
     REPLACED_RUN,
     RunFolder,
@@ -116,7 +116,7 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
             else None,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
-    check_mixed_precision(accelerator.mixed_precision, accelerator.device)
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device, config.optimizer)
     if accelerator.device.type == "cuda":
         # cuDNN times its algorithms on the first batches of each shape and keeps the fastest: every
         # step of a run has the same shapes. (Its choice may differ between runs, in the last bits.)
@@ -124,8 +124,12 @@ def build_accelerator(config: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def check_mixed_precision(mixed_precision: str, device: torch.device) -> None:
+def check_mixed_precision(mixed_precision: str, device: torch.device, optimizer: str) -> None:
     """Refuse what Accelerate would silently run in float32 (fp16 on a CPU) or cannot run."""
+    if mixed_precision == "fp16" and optimizer == "muon":
+        # The gradient scaler unscales, and checks for inf, the gradients of an optimizer's own parameters;
+        # Muon's are views it makes of the filters' gradients only when it steps.
+        raise UserError("--optimizer muon does not run under --mixed_precision fp16; use bf16 or no")
     if mixed_precision == "fp16" and device.type == "cpu":
         raise UserError("--mixed_precision fp16 needs a GPU; on the CPU use --mixed_precision bf16 or no")
     if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -160,8 +164,8 @@ class Run:
     accelerator: Accelerator
     data: DataBundle
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+    optimizers: list[torch.optim.Optimizer]  # one; with --optimizer muon, SGD then Muon
+    schedulers: list[Any]  # one per optimizer
     criterion: nn.Module
     train_loader: Any
     eval_loader: Any
@@ -324,10 +328,11 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         data_digest = content_digest(data)
         check_data(resume_from, data_digest, config.dataset)
     model = build_model(config, data, accelerator, train_loader)
-    optimizer = build_optimizer(model, config, accelerator.device)
-    model, prepared_optimizer, train_loader, eval_loader = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader
-    )
+    # The optimizers are built on the prepared model's parameters: on a GPU, or under DDP, prepare() gives
+    # them new memory, and Muon steps the filters through views of theirs.
+    model = accelerator.prepare(model)
+    optimizers = build_optimizers(accelerator.unwrap_model(model, keep_torch_compile=False), config, accelerator.device)
+    *prepared_optimizers, train_loader, eval_loader = accelerator.prepare(*optimizers, train_loader, eval_loader)
     if not len(train_loader):
         raise UserError(
             f"--drop_last leaves no full batch: {len(data.train)} training examples, batch {config.batch_size} x "
@@ -337,15 +342,17 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     # process at each update, so it counts them for all processes.
     updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
     process_updates = total_updates(config, updates_per_epoch)
-    scheduler = build_scheduler(optimizer, config, updates_per_epoch, accelerator.num_processes)
-    optimizer, scheduler = prepared_optimizer, accelerator.prepare(scheduler)
+    schedulers = [
+        accelerator.prepare(build_scheduler(optimizer, config, updates_per_epoch, accelerator.num_processes))
+        for optimizer in optimizers
+    ]
     lookahead = (
         Lookahead(accelerator.unwrap_model(model, keep_torch_compile=False), process_updates)
         if config.lookahead
         else None
     )
     run = Run(
-        config, accelerator, data, model, optimizer, scheduler,
+        config, accelerator, data, model, prepared_optimizers, schedulers,
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
         architecture, resume_from, None, start_time, data_ready_time, math.ceil(len(train_loader) * config.epochs),
         data_digest=data_digest,
@@ -448,11 +455,11 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
     if progress.step_in_epoch:
         batches = accelerator.skip_first_batches(run.train_loader, progress.step_in_epoch)
     else:
-        progress.epoch_learning_rate = run.scheduler.get_last_lr()[0]
+        progress.epoch_learning_rate = run.schedulers[0].get_last_lr()[0]
     steps_left = min(steps_per_epoch, run.total_steps - (epoch - 1) * steps_per_epoch) - progress.step_in_epoch
     data_wait = DataWaitClock()
     steps = train_steps(
-        run.model, data_wait.timed(first_batches(batches, steps_left)), run.optimizer, run.scheduler, run.criterion,
+        run.model, data_wait.timed(first_batches(batches, steps_left)), run.optimizers, run.schedulers, run.criterion,
         accelerator, run.epoch_totals, run.lookahead,
     )  # fmt: skip
     for loss in steps:
@@ -488,8 +495,8 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
 
 def train_whitening_bias(run: Run, epoch: int) -> None:
     """airbench's whitening bias trains for its first epochs, then stops requiring a gradient, so the
-    first layer skips its backward pass. Under DDP every parameter it registered must get a gradient:
-    there the bias keeps one, and its learning rate of zero from then on (``optim.frozen_after``) holds it."""
+    first layer skips its backward pass. Under DDP every parameter it registered must get a gradient: there
+    the bias keeps one, and its learning rate of zero from then on (``optim.whitening_bias_multiplier``) holds it."""
     whitening = getattr(run.accelerator.unwrap_model(run.model, keep_torch_compile=False), "whiten", None)
     if whitening is not None and run.config.whiten_bias_epochs is not None and run.accelerator.num_processes == 1:
         whitening.bias.requires_grad_(epoch <= run.config.whiten_bias_epochs)

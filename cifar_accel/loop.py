@@ -52,8 +52,10 @@ def evaluate(
     return metrics
 
 
-def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals, lookahead=None):
+def train_steps(model, batches, optimizers, schedulers, criterion, accelerator, totals, lookahead=None):
     """Train on each batch, yielding its loss after the step so the caller can log, save or stop.
+
+    Every optimizer steps on every batch (with Muon: SGD for some parameters, Muon for the filters).
 
     ``totals`` (loss sum, correct, examples) is summed on the device: no host sync in the step.
     """
@@ -63,9 +65,12 @@ def train_steps(model, batches, optimizer, scheduler, criterion, accelerator, to
             logits = model(images)
             loss = criterion(logits, labels)
             accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+            for scheduler in schedulers:
+                scheduler.step()
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
         if lookahead is not None and accelerator.sync_gradients:
             lookahead.step()
         totals[0] += loss.detach().double() * len(labels)

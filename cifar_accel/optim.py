@@ -1,37 +1,40 @@
-"""Optimizer and learning-rate schedule from a ``TrainConfig``.
+"""Optimizers and learning-rate schedules from a ``TrainConfig``.
 
-Schedules are multipliers of the peak learning rate as a function of training progress,
-so one ``LambdaLR`` serves them all: linear warm-up, then onecycle / cosine / multistep / constant.
+SGD or AdamW train every parameter; with ``--optimizer muon``, Muon trains the convolution filters and
+SGD the rest, as airbench94_muon splits them. Schedules are multipliers of the peak learning rate as a
+function of training progress, so one ``LambdaLR`` per optimizer serves them all: linear warm-up, then
+onecycle / cosine / multistep / constant.
 """
 
 import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+# airbench94_muon's Newton-Schulz iterations per Muon step (torch's default, 5, orthogonalises further).
+NEWTON_SCHULZ_STEPS = 3
 
-def parameter_groups(model: nn.Module, config) -> list[dict]:
-    """Three groups: the rest, BatchNorm biases (faster learning rate), a whitening layer's bias.
 
-    BatchNorm biases get ``bias_lr_scale`` times the learning rate and weight decay divided by it,
-    so that the decay applied per step (learning rate x decay) stays that of the other weights.
+def parameter_groups(parameters: list[nn.Parameter], model: nn.Module, config) -> list[dict]:
+    """Three groups of ``parameters``: the rest, BatchNorm biases, a whitening layer's bias.
+
+    BatchNorm biases get ``bias_lr_scale`` times the learning rate, the whitening bias
+    ``whiten_bias_lr_scale`` times, and each a weight decay divided by its scale, so that the decay
+    applied per step (learning rate x decay) stays that of the other weights.
     """
     norm_biases = {id(module.bias) for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)}
     whitening = getattr(model, "whiten", None)
     whitening_bias = {id(whitening.bias)} if whitening is not None else set()
     groups = {"other": [], "norm_bias": [], "whitening_bias": []}
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            groups[_group_name(id(parameter), norm_biases, whitening_bias)].append(parameter)
-    scale = config.bias_lr_scale
+    for parameter in parameters:
+        groups[_group_name(id(parameter), norm_biases, whitening_bias)].append(parameter)
+    scales = {"other": 1.0, "norm_bias": config.bias_lr_scale, "whitening_bias": config.whiten_bias_lr_scale}
     return [
-        {"name": "other", "params": groups["other"], "lr": config.learning_rate, "weight_decay": config.weight_decay},
-        {"name": "norm_bias", "params": groups["norm_bias"], "lr": config.learning_rate * scale,
-         "weight_decay": config.weight_decay / scale},
-        {"name": "whitening_bias", "params": groups["whitening_bias"], "lr": config.learning_rate,
-         "weight_decay": config.weight_decay},
+        {"name": name, "params": groups[name], "lr": config.learning_rate * scale,
+         "weight_decay": config.weight_decay / scale}
+        for name, scale in scales.items()
     ]  # fmt: skip
 
 
@@ -41,14 +44,80 @@ def _group_name(parameter_id: int, norm_biases: set[int], whitening_bias: set[in
     return "whitening_bias" if parameter_id in whitening_bias else "other"
 
 
-def build_optimizer(model: nn.Module, config, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """SGD or AdamW over ``parameter_groups``; on a GPU ``device``, one fused kernel per step."""
-    groups = parameter_groups(model, config)
+def build_optimizers(model: nn.Module, config, device: torch.device | None = None) -> list[torch.optim.Optimizer]:
+    """SGD or AdamW over ``parameter_groups``, on a GPU ``device`` one fused kernel per step; with
+    ``--optimizer muon``, ``FilterMuon`` for the convolution filters and SGD for the rest.
+
+    Build them once the model is on its device: Muon steps the filters through views of their memory.
+    """
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    filters = [parameter for parameter in parameters if parameter.ndim == 4] if config.optimizer == "muon" else []
+    rest = [parameter for parameter in parameters if all(parameter is not kept for kept in filters)]
+    groups = parameter_groups(rest, model, config)
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
-    if config.optimizer == "sgd":
-        nesterov = config.nesterov and config.momentum > 0
-        return torch.optim.SGD(groups, momentum=config.momentum, nesterov=nesterov, **fused)
-    return torch.optim.AdamW(groups, betas=(config.momentum, 0.999), **fused)
+    if config.optimizer == "adamw":
+        return [torch.optim.AdamW(groups, betas=(config.momentum, 0.999), **fused)]
+    nesterov = config.nesterov and config.momentum > 0
+    optimizers = [torch.optim.SGD(groups, momentum=config.momentum, nesterov=nesterov, **fused)]
+    if filters:
+        muon_nesterov = config.nesterov and config.muon_momentum > 0
+        optimizers.append(FilterMuon(filters, config.muon_learning_rate, config.muon_momentum, muon_nesterov))
+    return optimizers
+
+
+def _as_matrix(tensor: Tensor, channels_last: bool) -> Tensor:
+    """[out, in, h, w] as [out, in*h*w]; with ``channels_last``, [out, h*w*in], a view of such memory.
+    The two differ by a permutation of columns, which the orthogonalisation commutes with."""
+    if channels_last:
+        tensor = tensor.permute(0, 2, 3, 1)
+    return tensor.reshape(len(tensor), -1)
+
+
+class FilterMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` for convolution filters, as airbench94_muon uses it.
+
+    torch's Muon takes matrices: each filter is stepped through a matrix view of its own memory, whose
+    gradient is the filter's, reshaped the same way. Before each step every filter is rescaled to norm
+    sqrt(out channels), airbench94_muon's stand-in for weight decay: the BatchNorm after each convolution
+    makes a filter's scale free. (torch's momentum buffer is airbench's times (1 - momentum); the update is
+    normalised, so the step is the same.)
+    """
+
+    def __init__(self, filters: list[nn.Parameter], lr: float, momentum: float, nesterov: bool):
+        self.filters = filters
+        self.channels_last = [parameter.is_contiguous(memory_format=torch.channels_last) and not
+                              parameter.is_contiguous() for parameter in filters]  # fmt: skip
+        matrices = [
+            _as_matrix(parameter.detach(), channels_last)
+            for parameter, channels_last in zip(filters, self.channels_last, strict=True)
+        ]
+        super().__init__(
+            [{"name": "filters", "params": matrices}], lr=lr, momentum=momentum, nesterov=nesterov,
+            weight_decay=0.0, ns_steps=NEWTON_SCHULZ_STEPS,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        matrices = self.param_groups[0]["params"]
+        for parameter, matrix, channels_last in zip(self.filters, matrices, self.channels_last, strict=True):
+            if matrix.data_ptr() != parameter.data_ptr():
+                raise RuntimeError(
+                    "a filter is not in the memory FilterMuon steps (it moved, or it is neither contiguous nor "
+                    "channels_last): build FilterMuon once the model is in place"
+                )
+            matrix.grad = None if parameter.grad is None else _as_matrix(parameter.grad, channels_last)
+            if parameter.grad is not None:
+                parameter.mul_(math.sqrt(len(parameter)) / parameter.norm())
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for parameter in self.filters:  # the filters' own gradients, of which the matrices' were views
+            if parameter.grad is not None:
+                if set_to_none:
+                    parameter.grad = None
+                else:
+                    parameter.grad.zero_()
 
 
 def _onecycle(progress: float) -> float:
@@ -106,11 +175,13 @@ def lr_multiplier(config, total_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
-def frozen_after(multiplier: Callable[[int], float], last_step: int | None) -> Callable[[int], float]:
-    """The same schedule, but zero from ``last_step`` on: the group stops moving (airbench's whitening bias)."""
+def whitening_bias_multiplier(multiplier: Callable[[int], float], last_step: int | None, decays: bool):
+    """The whitening bias's schedule: zero from ``last_step`` on, so it stops moving; before that the run's
+    schedule (airbench94) or, when it ``decays``, a straight fall from the peak to zero (airbench94_muon)."""
     if last_step is None:
         return multiplier
-    return lambda step: multiplier(step) if step < last_step else 0.0
+    before = (lambda step: 1 - step / last_step) if decays else multiplier
+    return lambda step: before(step) if step < last_step else 0.0
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: int, num_processes: int = 1) -> LambdaLR:
@@ -120,5 +191,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: i
     whitening_steps = None
     if config.whiten_bias_epochs is not None:
         whitening_steps = num_processes * steps_per_epoch * config.whiten_bias_epochs
-    per_group = {"whitening_bias": frozen_after(multiplier, whitening_steps)}
+    per_group = {"whitening_bias": whitening_bias_multiplier(multiplier, whitening_steps, config.whiten_bias_decay)}
     return LambdaLR(optimizer, [per_group.get(group["name"], multiplier) for group in optimizer.param_groups])

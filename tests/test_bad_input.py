@@ -90,6 +90,10 @@ CASES = {
     ),
     "output folder holds a run": ("--output_dir {root}/run", "--output_dir {root}/run already holds a run"),
     "fp16 on the CPU": ("--mixed_precision fp16", "--mixed_precision fp16 needs a GPU"),
+    "Muon under fp16": (
+        "--optimizer muon --mixed_precision fp16",
+        "--optimizer muon does not run under --mixed_precision fp16; use bf16 or no",
+    ),
 }
 
 

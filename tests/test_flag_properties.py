@@ -41,7 +41,9 @@ FLAG_VALUES = {
     "--tta_level": st.integers(-1, 3),
     "--model": st.sampled_from(["bn_cnn", "simple_cnn", "resnet7"]),
     "--model_args": st.sampled_from(['{"conv_dropout": 0.2}', '{"conv_dropout": 3}', '{"width": 2}', "[1]", "{"]),
-    "--optimizer": st.sampled_from(["sgd", "adamw", "adam"]),
+    "--optimizer": st.sampled_from(["sgd", "adamw", "muon", "adam"]),
+    "--muon_learning_rate": st.one_of(numbers, st.floats(0.01, 0.5)),
+    "--muon_momentum": st.floats(-0.5, 1.5),
     "--scheduler": st.sampled_from(["onecycle", "cosine", "multistep", "constant", "step"]),
     "--checkpointing_steps": st.sampled_from(["epoch", "0", "3", "often", "-1"]),
     "--output_dir": st.sampled_from(["new", "holds_a_run", "a_file", "a_file/run", ""]),
@@ -80,6 +82,8 @@ def assert_within_documented_ranges(config) -> None:
     assert config.eval_epochs >= 1 and 0 <= config.warmup_start_fraction <= 1
     assert not (config.eval_strategy == "no" and config.validation_size)  # nothing would be selected on it
     assert config.compile or config.compile_mode == "default"
+    assert 0 < config.muon_learning_rate < math.inf and 0 <= config.muon_momentum < 1
+    assert config.optimizer == "muon" or (config.muon_learning_rate, config.muon_momentum) == (0.24, 0.6)
     assert all(0 < milestone < 1 for milestone in config.milestones) and config.milestones == sorted(config.milestones)
 
 

@@ -22,7 +22,8 @@ FAKE_TOKEN = "hf_cifarAccelFakeToken0123456789"
 VARIANTS = {
     "torch loader, 2 workers": "--model bn_cnn --batch_size 32 --learning_rate 0.05 --label_smoothing 0 "
     "--num_workers 2",
-    "device loader, airbench94 with lookahead": "--recipe airbench94 --batch_size 32",
+    # Muon's state, the whitening bias's own decay and the lookahead's average all resume exactly.
+    "device loader, airbench94_muon with lookahead": "--recipe airbench94_muon --batch_size 32 --lookahead",
 }
 COMMON = "--epochs 3 --checkpointing_steps 5"  # 8 steps per epoch: checkpoints at steps 5, 10, 15, 20
 COMPARED = ("epoch", "train_loss", "train_acc", "train_examples", "eval_loss", "eval_top1", "eval_top5", "eval_n", "lr")

@@ -68,18 +68,17 @@ def test_the_recorder_sees_a_boolean_mask_and_a_read_back():
     assert [name for _, name, _ in recorder.calls] == ["__setitem__", "item"]
 
 
-def speed_run_config(dataset, output_dir, *flags: str):
-    return parse_train_args(
-        ["--recipe", "airbench94", "--dataset", str(dataset), "--output_dir", str(output_dir), *flags]
-    )
+def speed_run_config(dataset, output_dir, *flags: str, recipe: str = "airbench94"):
+    return parse_train_args(["--recipe", recipe, "--dataset", str(dataset), "--output_dir", str(output_dir), *flags])
 
 
-def test_an_airbench94_epoch_reads_back_from_the_device_only_every_20_steps_and_at_its_end(
-    colour_dataset, tmp_path, monkeypatch
+@pytest.mark.parametrize("recipe", ["airbench94", "airbench94_muon"])
+def test_an_airbench_epoch_reads_back_from_the_device_only_every_20_steps_and_at_its_end(
+    colour_dataset, tmp_path, monkeypatch, recipe
 ):
     monkeypatch.setenv("CIFAR_ACCEL_CACHE", str(tmp_path / "cache"))
     config = speed_run_config(colour_dataset, tmp_path / "run", "--batch_size", "8", "--model_args",
-                              '{"widths": [16, 32, 32]}')  # fmt: skip
+                              '{"widths": [16, 32, 32]}', recipe=recipe)  # fmt: skip
     with StopRequest() as stop:
         run = engine.build_run(config, time.perf_counter(), stop)
         try:

@@ -2,9 +2,10 @@
 
 whitening 2x2 conv (frozen weights from the data, bias trained briefly) -> GELU -> three groups of
 conv-pool-BatchNorm-GELU, conv-BatchNorm-GELU -> 3x3 max-pool -> linear, with the logits scaled by 1/9.
-airbench94 has widths 64/256/256; airbench96 has 128/512/512 and a third conv per group whose output
-is added back to the group's first activation (a residual). BatchNorm has no trainable weight;
-convolutions start as partial identities. Under mixed precision, autocast keeps BatchNorm in fp32.
+airbench94 has widths 64/256/256 (airbench94_muon the same, its logits scaled by 1/256); airbench96 has
+128/512/512 and a third conv per group whose output is added back to the group's first activation (a
+residual). BatchNorm has no trainable weight; convolutions start as partial identities. Under mixed
+precision, autocast keeps BatchNorm in fp32.
 """
 
 import torch
@@ -74,6 +75,7 @@ class AirbenchNet(nn.Module):
         batchnorm_momentum: float = 0.4,
         logit_scale: float = 1 / 9,
         residual: bool = False,
+        head_std: float | None = None,
     ):
         super().__init__()
         whitening_width = 2 * 3 * WHITENING_KERNEL**2
@@ -87,6 +89,9 @@ class AirbenchNet(nn.Module):
         )
         self.pool = nn.MaxPool2d(3)
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
+        if head_std is not None:
+            with torch.no_grad():
+                self.head.weight.mul_(head_std / self.head.weight.std())
         self.logit_scale = logit_scale
 
     @torch.no_grad()
@@ -102,6 +107,14 @@ class AirbenchNet(nn.Module):
 @register_model
 def airbench94(num_classes: int = 10, widths: list[int] | None = None) -> nn.Module:
     return AirbenchNet(num_classes=num_classes, widths=tuple(widths or (64, 256, 256)))
+
+
+@register_model
+def airbench94_muon(num_classes: int = 10, widths: list[int] | None = None) -> nn.Module:
+    """airbench94's network as airbench94_muon starts it: head weights of standard deviation 1 and
+    logits divided by the last width (256) rather than by 9."""
+    widths = tuple(widths or (64, 256, 256))
+    return AirbenchNet(num_classes=num_classes, widths=widths, logit_scale=1 / widths[-1], head_std=1.0)
 
 
 @register_model
