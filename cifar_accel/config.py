@@ -25,6 +25,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 EVAL_STRATEGIES = ("epoch", "no")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+AUTO_AUGMENT = ("cifar10", "randaugment", "trivialaugment", "augmix")
 IMAGE_SIDE = 32
 
 # setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
@@ -57,6 +58,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # Reflect padding needs fewer pixels than the side; a square as large as the image erases all of it.
     "crop_padding": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (less than the image side)"),
     "cutout": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (smaller than the image)"),
+    "random_erasing": (lambda value: 0 <= value <= 1, "a probability in [0, 1]"),
 }
 
 
@@ -81,6 +83,11 @@ class TrainConfig:
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
     crop_padding: int = _option(4, "random crops of 32x32 from images reflect-padded by this many pixels (0: off)")
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
+    auto_augment: str | None = _option(
+        None, "torch loader: a learned/random policy per training image (cifar10: AutoAugment's CIFAR-10 policy)",
+        AUTO_AUGMENT,
+    )  # fmt: skip
+    random_erasing: float = _option(0.0, "torch loader: probability of erasing a random rectangle (v2 RandomErasing)")
     data_loader: str = _option(
         "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
     )
@@ -91,6 +98,11 @@ class TrainConfig:
     )
     # Model
     model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
+    init_from: str | None = _option(
+        None, "start from a saved model (a run's best/ folder or a Hub repo id); it sets --model and --model_args"
+    )
+    init_revision: str | None = _option(None, "with --init_from a Hub repo: its branch, tag or commit")
+    freeze_backbone: bool = _option(False, "with --init_from: train only the classifier layer (linear probing)")
     model_args: dict[str, Any] = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
     # Optimisation
     epochs: float = _option(24, "passes over the training set; a fraction stops the last one early (9.9)")
@@ -178,6 +190,7 @@ class TrainConfig:
             ("mixed_precision", (*MIXED_PRECISION, None)),
             ("eval_strategy", EVAL_STRATEGIES),
             ("compile_mode", COMPILE_MODES),
+            ("auto_augment", (*AUTO_AUGMENT, None)),
         ):
             if getattr(self, option_name) not in choices:
                 raise UserError(
@@ -189,6 +202,12 @@ class TrainConfig:
         if self.compile_mode != "default" and not self.compile:
             raise UserError(f"--compile_mode {self.compile_mode} needs --compile")
         self._check_optimizer_settings()
+        for name in ("init_revision", "freeze_backbone"):
+            if getattr(self, name) and not self.init_from:
+                raise UserError(f"--{name} needs --init_from: the saved model to start from")
+        if self.data_loader == "device" and (self.auto_augment or self.random_erasing):
+            flag = "--auto_augment" if self.auto_augment else "--random_erasing"
+            raise UserError(f"{flag} runs per image in the torch loader's workers; use --data_loader torch")
         if not self.dataset.strip():
             raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
         from cifar_accel.files import check_writable_folder
@@ -395,6 +414,10 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
 
         saved = resume_settings(settings, TrainConfig.output_dir)
         settings = {name: value for name, value in saved.items() if name in typing.get_type_hints(TrainConfig)}
+    elif settings.get("init_from"):
+        from cifar_accel.finetune import architecture_settings
+
+        settings = architecture_settings(settings)
     config = TrainConfig(**settings)
     config.validate()
     return config

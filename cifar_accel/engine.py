@@ -60,6 +60,7 @@ from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.distributed import process_group_deadline
 from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.files import FolderLock, describe_os_error
+from cifar_accel.finetune import BaseModel, find_base_model, freeze_backbone, load_base_weights
 from cifar_accel.hub import push_run
 from cifar_accel.loop import (
     DataWaitClock,
@@ -181,6 +182,7 @@ class Run:
     examples_before_resume: float = 0.0  # trained in this epoch by the run that saved the checkpoint: not timed
     checkpoint_saved: bool = False
     data_digest: str | None = None  # of the examples, saved with checkpoints; computed at the first one
+    base_model: dict | None = None  # with --init_from: where the starting weights came from
 
     def __post_init__(self):
         self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # loss, correct, n
@@ -246,10 +248,11 @@ def environment() -> dict:
     }
 
 
-def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataBundle) -> dict:
+def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataBundle, base_model: dict | None) -> dict:
     """``train_config.json``: every flag as used, plus what was derived from the data and the launch."""
     return {
         **config.to_dict(),
+        "base_model": base_model,
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
         "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
@@ -316,9 +319,12 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     # Resolved values, so that train_config.json and the checkpoints record what was used.
     config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision, num_workers=workers)
     set_seed(config.seed)
+    base = find_base_model(config.init_from, config.init_revision) if config.init_from else None
     # The main process builds the datasets and decoded-image caches first; the others then read them.
     with accelerator.main_process_first():
         data = load_data(config)
+        if base:  # the normalisation the base model's weights were trained with
+            data.mean, data.std = base.config["mean"], base.config["std"]
         train_loader = make_loader(config, data, data.train, accelerator, train=True)
         eval_loader = make_loader(config, data, data.evaluation, accelerator)
     data_ready_time = time.perf_counter()  # speed runs time from here: data loaded, model not yet built
@@ -327,7 +333,7 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         check_architecture(resume_from, architecture)  # again, now that the number of classes is known
         data_digest = content_digest(data)
         check_data(resume_from, data_digest, config.dataset)
-    model = build_model(config, data, accelerator, train_loader)
+    model = build_model(config, data, accelerator, train_loader, base, resuming=bool(resume_from))
     # The optimizers are built on the prepared model's parameters: on a GPU, or under DDP, prepare() gives
     # them new memory, and Muon steps the filters through views of theirs.
     model = accelerator.prepare(model)
@@ -355,7 +361,7 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         config, accelerator, data, model, prepared_optimizers, schedulers,
         nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
         architecture, resume_from, None, start_time, data_ready_time, math.ceil(len(train_loader) * config.epochs),
-        data_digest=data_digest,
+        data_digest=data_digest, base_model=base.record() if base else None,
     )  # fmt: skip
     if resume_from:
         restore_checkpoint(run)
@@ -379,7 +385,10 @@ def make_loader(config: TrainConfig, data: DataBundle, split, accelerator: Accel
     )  # fmt: skip
 
 
-def build_model(config: TrainConfig, data: DataBundle, accelerator: Accelerator, train_loader) -> nn.Module:
+def build_model(
+    config: TrainConfig, data: DataBundle, accelerator: Accelerator, train_loader, base: BaseModel | None = None,
+    resuming: bool = False,
+) -> nn.Module:  # fmt: skip
     model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
         if config.data_loader == "device":  # computed on the accelerator, from the split already there
@@ -387,6 +396,12 @@ def build_model(config: TrainConfig, data: DataBundle, accelerator: Accelerator,
         else:
             images = first_images(data.train, data, count=WHITENING_IMAGES)
         model.initialize_whitening(images)
+    if base and not resuming:  # (a resumed run's weights come from its checkpoint)
+        note = load_base_weights(model, base)
+        if note:
+            accelerator.print(note)
+    if config.freeze_backbone:
+        freeze_backbone(model)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.sync_batchnorm and accelerator.num_processes > 1:
@@ -409,7 +424,7 @@ def restore_checkpoint(run: Run) -> None:
 def start_records(run: Run) -> None:
     """``train_config.json``, the metrics so far, the trackers and the run's first line."""
     config, accelerator, data = run.config, run.accelerator, run.data
-    resolved = resolved_settings(config, accelerator, data)
+    resolved = resolved_settings(config, accelerator, data, run.base_model)
     if run.folder:
         run.folder.save_config(resolved)
         run.folder.save_metrics(run.progress.records)  # a resumed run drops epochs logged after its checkpoint
@@ -498,7 +513,9 @@ def train_whitening_bias(run: Run, epoch: int) -> None:
     first layer skips its backward pass. Under DDP every parameter it registered must get a gradient: there
     the bias keeps one, and its learning rate of zero from then on (``optim.whitening_bias_multiplier``) holds it."""
     whitening = getattr(run.accelerator.unwrap_model(run.model, keep_torch_compile=False), "whiten", None)
-    if whitening is not None and run.config.whiten_bias_epochs is not None and run.accelerator.num_processes == 1:
+    # Without --whiten_bias_epochs the bias trains throughout; with a frozen backbone, never.
+    scheduled = run.config.whiten_bias_epochs is not None and not run.config.freeze_backbone
+    if whitening is not None and scheduled and run.accelerator.num_processes == 1:
         whitening.bias.requires_grad_(epoch <= run.config.whiten_bias_epochs)
 
 

@@ -18,7 +18,8 @@ KEY_SETTINGS = (
     "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
     "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction", "label_smoothing",
     "crop_padding", "cutout", "alternating_flip", "drop_last", "lookahead", "mixed_precision", "eval_strategy",
-    "eval_epochs", "max_train_samples", "max_eval_samples", "validation_size", "seed",
+    "eval_epochs", "max_train_samples", "max_eval_samples", "validation_size", "seed", "init_from", "init_revision",
+    "freeze_backbone",
 )  # fmt: skip
 
 
@@ -133,7 +134,10 @@ def build_model_card(
     final = results["final_metrics"]
     dataset_name = dataset_id or Path(settings["dataset"]).name
     model_name = repo_id.split("/")[-1] if repo_id else f"{config['architecture']}-{dataset_name}"
+    base = settings.get("base_model")  # with --init_from
+    on_hub = base is not None and base["revision"] is not None
     card_data = ModelCardData(
+        base_model=base["source"] if on_hub else None,  # the Hub links a fine-tune to the repo it started from
         library_name=LIBRARY_NAME,
         pipeline_tag="image-classification",
         license=license,
@@ -158,10 +162,16 @@ def build_model_card(
         for title, name in (("Training curves", "curves.png"), ("Confusion matrix", "confusion_matrix.png"))
         if (run_dir / "plots" / name).is_file()
     ]
+    started_from = ""
+    if base:
+        where = f"the weights in `{base['source']}`"
+        if on_hub:
+            where = f"`{base['source']}` at revision `{base['revision']}`"
+        started_from = f" It started from {where}, a {base['num_classes']}-class model."
     body = (
         f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "
         f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {final['n']:,} images of its "
-        f"`{final['split']}` split.\n\n"
+        f"`{final['split']}` split.{started_from}\n\n"
         f"{_results_section(results, dataset_name)}\n{''.join(figures)}{_training_section(settings, results)}\n"
         f"{_usage(repo_id or str(run_dir / 'best'))}"
     )

@@ -80,15 +80,18 @@ def read_model_config(directory: str | Path) -> dict:
     return config
 
 
-def load_weights(network: nn.Module, directory: str | Path, architecture: str) -> None:
-    """Load ``model.safetensors`` strictly: a missing or unexpected tensor is an error, never a partial load."""
-    path = Path(directory) / WEIGHTS_NAME
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``model.safetensors``, or a one-line error saying why not."""
     if not path.is_file():
         raise UserError(f"{path} not found; {NOT_A_SAVED_MODEL}")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path} is truncated or corrupt ({error})") from None
+
+
+def load_state_strictly(network: nn.Module, state: dict[str, torch.Tensor], path: Path, architecture: str) -> None:
+    """A missing, unexpected or differently shaped tensor is an error, never a partial load."""
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -96,3 +99,9 @@ def load_weights(network: nn.Module, directory: str | Path, architecture: str) -
         lines = [line.strip() for line in str(error).splitlines()[1:3]]
         details = "; ".join(line if len(line) <= 150 else line[:150] + "..." for line in lines)
         raise UserError(f"weights in {path} do not match architecture {architecture!r}: {details}") from None
+
+
+def load_weights(network: nn.Module, directory: str | Path, architecture: str) -> None:
+    """Load ``model.safetensors`` strictly into ``network``."""
+    path = Path(directory) / WEIGHTS_NAME
+    load_state_strictly(network, read_weights(path), path, architecture)

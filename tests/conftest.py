@@ -11,7 +11,9 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]
+# The first four are the colour datasets' classes; all ten, a 10-class set to fine-tune from.
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200), (40, 200, 200),
+           (120, 120, 120), (250, 250, 250), (10, 10, 10), (250, 140, 20)]  # fmt: skip
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
@@ -22,7 +24,7 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def colour_images(labels: list[int], seed: int, num_colours: int = len(COLOURS)) -> list[dict]:
+def colour_images(labels: list[int], seed: int, num_colours: int = 4) -> list[dict]:
     """A noisy image per label whose dominant colour is the class: learnable in a few steps."""
     rng = np.random.default_rng(seed)
     images = []
@@ -40,13 +42,14 @@ def write_hub_layout(
     image_column: str = "img",
     label_column: str = "label",
     unique_labels: bool = False,
+    num_colours: int = 4,
 ) -> Path:
     """``root/data/{split}-00000-of-00001.parquet`` with an Image and a ClassLabel column."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     features = Features({image_column: Image(), label_column: ClassLabel(names=class_names)})
     for index, (split, size) in enumerate(split_sizes.items()):
         labels = list(range(size)) if unique_labels else [i % len(class_names) for i in range(size)]
-        rows = {image_column: colour_images(labels, seed=index), label_column: labels}
+        rows = {image_column: colour_images(labels, seed=index, num_colours=num_colours), label_column: labels}
         Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root
 

@@ -275,3 +275,26 @@ def test_train_refuses_to_start_a_run_it_could_not_push(colour_dataset, tmp_path
         "error: no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`"
     )
     assert not output.exists()
+
+
+def test_a_model_pushed_to_the_hub_is_fine_tuned_by_repo_id_and_the_card_names_it(
+    run_dir, hub, colour_dataset, tmp_path
+):
+    push_run(run_dir, "alice/colours", token=ALICE)
+    output = tmp_path / "tuned"
+    flags = f"--init_from alice/colours --dataset {colour_dataset} --output_dir {output} --epochs 1 --num_workers 0"
+    command = cifar_accel_command("train", *flags.split(), "--push_to_hub", "--hub_model_id", "alice/tuned")
+    result = run_command(command, env=_hub_env(hub, tmp_path, HF_TOKEN=ALICE))
+    assert result.returncode == 0, result.stderr[-3000:]
+    base_model = json.loads((output / "train_config.json").read_text())["base_model"]
+    [pushed] = hub.commits("alice/colours")
+    assert base_model == {"source": "alice/colours", "revision": pushed["oid"], "architecture": "simple_cnn",
+                          "num_classes": 4}  # fmt: skip
+    [commit] = hub.commits("alice/tuned")
+    card = ModelCard(commit["files_added"]["README.md"].decode())
+    assert card.data.base_model == "alice/colours" and f"`alice/colours` at revision `{pushed['oid']}`" in card.text
+    # Once cached, the base model is found without the network.
+    hub.stop()
+    script = "from cifar_accel.config import parse_train_args as p; print(p(['--init_from', 'alice/colours']).model)"
+    result = run_command([sys.executable, "-c", script], env=_hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "simple_cnn", result.stderr[-3000:]

@@ -4,6 +4,6 @@ Each family lives in its own file and registers its builders on import.
 """
 
 from cifar_accel.models import airbench, bn_cnn, resnet, resnet9, simple_cnn  # noqa: F401  (registers the models)
-from cifar_accel.models.registry import get_model, list_models, register_model
+from cifar_accel.models.registry import classifier_layer, get_model, list_models, register_model
 
-__all__ = ["get_model", "list_models", "register_model"]
+__all__ = ["classifier_layer", "get_model", "list_models", "register_model"]

@@ -53,3 +53,11 @@ def _fits(value: object, expected: object) -> bool:
     if expected is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return True  # other annotations (tuples, lists) are left to the constructor
+
+
+def classifier_layer(network: nn.Module) -> tuple[str, nn.Linear]:
+    """The layer that maps features to class scores: in every registered model, its last ``nn.Linear``."""
+    linear = [(name, module) for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    if not linear:
+        raise UserError(f"{type(network).__name__} has no linear classifier layer")
+    return linear[-1]

@@ -1,0 +1,99 @@
+"""Starting a run from published weights (``--init_from``): fine-tuning and linear probing.
+
+The saved model's ``config.json`` names the architecture, so ``--model`` is not needed. Its weights load
+strictly, except the classifier layer when the number of classes differs: that one starts afresh. The
+run also takes the saved model's input normalisation, which its weights were trained with.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from cifar_accel.errors import UserError
+from cifar_accel.hub import download_model_files, looks_like_local_path
+from cifar_accel.models import classifier_layer
+from cifar_accel.saved_model import WEIGHTS_NAME, load_state_strictly, read_model_config, read_weights
+
+
+@dataclass
+class BaseModel:
+    """The saved model a run starts from."""
+
+    source: str  # as given: a folder, or a Hub repo id
+    folder: Path  # where its files are: the folder, or the repo's snapshot in the Hugging Face cache
+    config: dict  # its config.json
+    revision: str | None  # the Hub commit it was downloaded at; None for a folder
+
+    @property
+    def on_hub(self) -> bool:
+        return self.revision is not None
+
+    def record(self) -> dict:
+        """What the run folder and the model card say about it."""
+        source = self.source if self.on_hub else str(Path(self.source).expanduser().resolve())
+        return {"source": source, "revision": self.revision, "architecture": self.config["architecture"],
+                "num_classes": self.config["num_classes"]}  # fmt: skip
+
+
+def find_base_model(source: str, revision: str | None = None) -> BaseModel:
+    """A local folder holding a saved model (a run's ``best/``), or a Hub repo, through the Hugging Face cache
+    (so ``HF_HUB_OFFLINE=1`` works once it is cached)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if revision is not None:
+            raise UserError(f"--init_revision is for Hub repos; --init_from {source} is a local folder")
+        return BaseModel(source, folder, read_model_config(folder), None)
+    if looks_like_local_path(source):
+        raise UserError(f"--init_from {source}: no such folder")
+    folder = download_model_files(source, revision)
+    return BaseModel(source, folder, read_model_config(folder), folder.name)  # snapshots/<commit>/
+
+
+def architecture_settings(settings: dict) -> dict:
+    """``settings`` (a recipe's and the flags') with the base model's architecture, refusing a contradiction."""
+    base = find_base_model(settings["init_from"], settings.get("init_revision"))
+    saved = {"model": base.config["architecture"], "model_args": base.config["model_args"]}
+    for name, value in saved.items():
+        if name in settings and settings[name] != value:
+            raise UserError(
+                f"--{name} {settings[name]!r} (asked for, or set by the recipe) contradicts --init_from "
+                f"{settings['init_from']}, which holds {name} {value!r}: the saved model sets it"
+            )
+    return {**settings, **saved}
+
+
+def load_base_weights(network: nn.Module, base: BaseModel) -> str | None:
+    """The base model's weights into ``network``, strictly. When the number of classes differs, the classifier
+    layer keeps its fresh initialisation (any other difference is refused); the note returned says so."""
+    path = base.folder / WEIGHTS_NAME
+    state = read_weights(path)
+    name, classifier = classifier_layer(network)
+    note = None
+    if classifier.out_features != base.config["num_classes"]:
+        fresh = {f"{name}.{key}": tensor for key, tensor in classifier.state_dict().items()}
+        state.update({key: tensor for key, tensor in fresh.items() if key in state})
+        note = (
+            f"note: the classifier layer ({name}) starts afresh: {base.config['num_classes']} classes in "
+            f"{base.source}, {classifier.out_features} here"
+        )
+    load_state_strictly(network, state, path, base.config["architecture"])
+    return note
+
+
+def freeze_backbone(network: nn.Module) -> None:
+    """Train only the classifier layer (linear probing): every other parameter stops requiring a gradient, and
+    every other module stays in evaluation mode, so BatchNorm keeps the base model's statistics and dropout is off."""
+    _, classifier = classifier_layer(network)
+    trained = {id(parameter) for parameter in classifier.parameters()}
+    for parameter in network.parameters():
+        parameter.requires_grad_(id(parameter) in trained)
+    for module in network.modules():
+        if module is not classifier and not any(True for _ in module.children()):
+            module.train = _stays_in_evaluation_mode.__get__(module)
+            module.eval()
+
+
+def _stays_in_evaluation_mode(module: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(module, False)
+
