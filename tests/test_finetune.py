@@ -62,10 +62,11 @@ def test_a_missing_or_malformed_base_model_is_refused_in_one_line(tmp_path, flag
         parse_train_args([flag.format(empty=tmp_path) for flag in flags])
 
 
-def test_the_architecture_and_normalisation_come_from_the_saved_model(base_model):
-    config = parse_train_args(["--init_from", str(base_model)])
+def test_the_architecture_comes_from_the_saved_model_or_its_run_folder(base_model):
     saved = json.loads((base_model / "config.json").read_text())
-    assert (config.model, config.model_args) == (saved["architecture"], saved["model_args"]) == ("bn_cnn", {})
+    for folder in (base_model, base_model.parent):
+        config = parse_train_args(["--init_from", str(folder)])
+        assert (config.model, config.model_args) == (saved["architecture"], saved["model_args"]) == ("bn_cnn", {})
 
 
 def test_a_fine_tune_of_ten_classes_on_four_beats_training_from_scratch(base_model, colour_dataset, tmp_path, capsys):
