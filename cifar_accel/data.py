@@ -5,12 +5,14 @@ and normalisation statistics; ``make_dataloader`` wraps one split in a ``DataLoa
 torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 """
 
+import contextlib
 import hashlib
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from cifar_accel.config import TrainConfig
+from cifar_accel.config import AUTO_AUGMENT, TrainConfig
 from cifar_accel.errors import UserError
 from cifar_accel.files import describe_os_error, write_atomically
 from cifar_accel.hub import looks_like_local_path
@@ -405,24 +407,120 @@ class AugmentedSplit(torch.utils.data.Dataset):
         return len(self.labels)
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # with the seed and an example's index, it seeds that example's policy draws
         if self.train:
             draws = draw_augmentation(len(self.labels), self.padding, self.seed, epoch, self.alternating_flip)
             self.draws = draws.to(self.labels.device)
 
 
+# The policies of ``--auto_augment``, each built afresh for a loader.
+AUTO_AUGMENT_POLICIES: dict[str, Callable[[], v2.Transform]] = {
+    "cifar10": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+    "randaugment": v2.RandAugment,
+    "trivialaugment": v2.TrivialAugmentWide,
+    "augmix": v2.AugMix,
+}
+
+
+def auto_augment_policy(name: str | None) -> v2.Transform | None:
+    """The ``transforms.v2`` policy called ``name`` (one of ``config.AUTO_AUGMENT``), or None for none."""
+    if name is None:
+        return None
+    if name not in AUTO_AUGMENT_POLICIES:
+        raise UserError(f"--auto_augment {name!r} is not one of {', '.join(AUTO_AUGMENT)}")
+    return AUTO_AUGMENT_POLICIES[name]()
+
+
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one example's random transforms in one epoch, from these three numbers alone.
+
+    Hashed rather than combined arithmetically: torch's CPU generator keeps only the low 32 bits of a
+    seed, so every one of the three must reach those bits (``seed << 32 | index`` would drop the seed).
+    """
+    key = f"{seed},{epoch},{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
+
+
+@contextlib.contextmanager
+def global_rng_seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global CPU generator for the block, then give it back its state.
+
+    The v2 policies and RandomErasing draw from that generator and take no other. Only the CPU
+    generator is touched: ``torch.manual_seed`` (and so ``fork_rng`` + ``manual_seed``) also queues
+    lazy seeding of the CUDA-like devices, recording a stack trace each time: ~0.2 ms a call on a
+    2-core CPU, over half a policy's time on a 32x32 image, against ~5 us for this whole block.
+    Restoring matters with ``num_workers=0``, where the images are made in the training process.
+    """
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(state)
+
+
 class DecodedImages(AugmentedSplit):
-    """Per-image torchvision ``transforms.v2`` crop, flip and cutout, run in DataLoader workers."""
+    """Per-image torchvision ``transforms.v2`` crop, flip, policy, cutout and random erasing, run in
+    DataLoader workers.
+
+    Crop, flip and cutout come from the epoch's draws; the policy and random erasing draw from the
+    global generator, seeded per example by ``example_seed``, so an example's image depends only on
+    (seed, epoch, index), not on the worker, process, batch or attempt that fetches it.
+    ``erase_value`` is the uint8 colour random erasing fills with (see ``make_dataloader``).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        train: bool,
+        crop_padding: int = 4,
+        cutout: int = 0,
+        alternating_flip: bool = False,
+        seed: int = 0,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
+        erase_value: Sequence[int] = (0, 0, 0),
+    ):
+        super().__init__(images, labels, train, crop_padding, cutout, alternating_flip, seed)
+        self.policy = auto_augment_policy(auto_augment) if train else None
+        # inplace=False: after an identity policy the image is still a view of the stored split.
+        self.erasing = v2.RandomErasing(p=random_erasing, value=list(erase_value)) if train and random_erasing else None
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
         if self.train:
-            top, left = self.draws.offsets[index].tolist()
-            image = v2.functional.crop(image, top, left, 32, 32)
-            if self.draws.flips[index]:
-                image = v2.functional.horizontal_flip(image)
-            if self.cutout:
-                image = cutout(image[None], self.draws.cutout_centres[index][None], self.cutout)[0]
+            image = self._augment(image, index)
         return image, int(self.labels[index])
+
+    def _augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        top, left = self.draws.offsets[index].tolist()
+        image = v2.functional.crop(image, top, left, 32, 32)
+        if self.draws.flips[index]:
+            image = v2.functional.horizontal_flip(image)
+        if self.policy is None and self.erasing is None:
+            return self._cutout(image, index)  # nothing draws at random: no seeding to pay for
+        # The literature's order: crop, flip, policy, cutout; random erasing last. Inference mode skips
+        # autograd bookkeeping on the policies' many small ops (~7% of their time); the images may come
+        # out as inference tensors, which the collator's stack turns into an ordinary batch.
+        with global_rng_seeded(example_seed(self.seed, self.epoch, index)), torch.inference_mode():
+            if self.policy is not None:
+                image = self.policy(image)
+            image = self._cutout(image, index)
+            if self.erasing is not None:
+                image = self.erasing(image)
+        return image
+
+    def _cutout(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        if not self.cutout:
+            return image
+        return cutout(image[None], self.draws.cutout_centres[index][None], self.cutout)[0]
+
+
+def erase_colour(mean: list[float]) -> tuple[int, ...]:
+    """The training images' mean colour in uint8: random erasing's fill, about 0 once normalised."""
+    return tuple(round(255 * value) for value in mean)
 
 
 def make_dataloader(
@@ -437,11 +535,23 @@ def make_dataloader(
     crop_padding: int = 4,
     alternating_flip: bool = False,
     drop_last: bool = False,
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
 ) -> DataLoader:
-    """Batches of ``(images, labels)``; augmentation runs per image in the workers, on the fly."""
+    """Batches of ``(images, labels)``; augmentation runs per image in the workers, on the fly.
+
+    ``auto_augment`` (a ``config.AUTO_AUGMENT`` policy) and ``random_erasing`` (a probability) apply
+    to training images only. Erasing runs on uint8 images, before ``BatchCollator`` normalises the
+    batch; v2 ``RandomErasing``'s default fill of 0 would there mean black, not the 0 it gives after
+    ``Normalize`` (where its documentation places it), so it fills with the training mean colour.
+    """
     images, labels = decode_split(dataset, data.image_column, data.label_column)
+    split = DecodedImages(
+        images, labels, train, crop_padding, cutout, alternating_flip, seed,
+        auto_augment=auto_augment, random_erasing=random_erasing, erase_value=erase_colour(data.mean),
+    )  # fmt: skip
     return DataLoader(
-        DecodedImages(images, labels, train, crop_padding, cutout, alternating_flip, seed),
+        split,
         batch_size=batch_size,
         shuffle=train,
         drop_last=drop_last,

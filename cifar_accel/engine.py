@@ -381,7 +381,8 @@ def make_loader(config: TrainConfig, data: DataBundle, split, accelerator: Accel
         )  # fmt: skip
     return make_dataloader(
         split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,
-        config.crop_padding, config.alternating_flip, drop_last,
+        config.crop_padding, config.alternating_flip, drop_last, auto_augment=config.auto_augment,
+        random_erasing=config.random_erasing,
     )  # fmt: skip
 
 

@@ -98,4 +98,3 @@ def freeze_backbone(network: nn.Module) -> None:
 
 def _stays_in_evaluation_mode(module: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(module, False)
-

@@ -51,11 +51,11 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 CASES = {
-    "unknown model": ("--model resnet7", "unknown model 'resnet7'; choose one of: airbench94, airbench96, bn_cnn"),
+    "unknown model": ("--model resnet7", "unknown model 'resnet7'; choose one of: airbench94, airbench94_muon, airbench96, bn_cnn"),
     "unknown recipe": ("--recipe fastest", "unknown recipe 'fastest'; choose one of: airbench94"),
     "unknown optimizer": (
         "--optimizer adam",
-        "argument --optimizer: invalid choice: 'adam' (choose from 'sgd', 'adamw')",
+        "argument --optimizer: invalid choice: 'adam' (choose from 'sgd', 'adamw', 'muon')",
     ),
     "non-numeric learning rate": ("--learning_rate fast", "argument --learning_rate: 'fast' is not a number"),
     "non-positive learning rate": ("--learning_rate -0.1", "--learning_rate must be a positive finite number"),

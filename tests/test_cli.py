@@ -7,6 +7,7 @@ def test_models_command_lists_every_registered_model(capsys):
     main(["models"])
     assert capsys.readouterr().out.split() == [
         "airbench94",
+        "airbench94_muon",
         "airbench96",
         "bn_cnn",
         "resnet18",
