@@ -51,7 +51,10 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 
 CASES = {
-    "unknown model": ("--model resnet7", "unknown model 'resnet7'; choose one of: airbench94, airbench94_muon, airbench96, bn_cnn"),
+    "unknown model": (
+        "--model resnet7",
+        "unknown model 'resnet7'; choose one of: airbench94, airbench94_muon, airbench96",
+    ),
     "unknown recipe": ("--recipe fastest", "unknown recipe 'fastest'; choose one of: airbench94"),
     "unknown optimizer": (
         "--optimizer adam",
