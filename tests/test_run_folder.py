@@ -119,7 +119,8 @@ def test_a_checkpoint_of_one_process_is_refused_under_two_with_the_command_that_
         f"error: checkpoint {checkpoint} was trained by 1 process(es), not 2; "
         f"resume with: accelerate launch train.py --resume_from_checkpoint {checkpoint}"
     )
-    assert expected in result.stderr.splitlines(), result.stderr[-3000:]
+    # Both processes refuse; their lines can interleave on the shared stderr, so look for the message itself.
+    assert expected in result.stderr, result.stderr[-3000:]
     assert files_of(run_dir) == before
 
 
