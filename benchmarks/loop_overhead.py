@@ -77,7 +77,7 @@ def main() -> None:
                 totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
                 watch = NonFiniteLossWatch(accelerator.device)
                 batches = DataWaitClock().timed(loader)
-                steps = train_steps(model, batches, optimizer, scheduler, criterion, accelerator, totals)
+                steps = train_steps(model, batches, [optimizer], [scheduler], criterion, accelerator, totals)
                 with tqdm(disable=True) as progress_bar:
                     for step, loss in enumerate(steps, start=1):
                         watch.observe(loss, step)
