@@ -51,8 +51,9 @@ def build_optimizers(model: nn.Module, config, device: torch.device | None = Non
     Build them once the model is on its device: Muon steps the filters through views of their memory.
     """
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    filters = [parameter for parameter in parameters if parameter.ndim == 4] if config.optimizer == "muon" else []
-    rest = [parameter for parameter in parameters if all(parameter is not kept for kept in filters)]
+    muon = config.optimizer == "muon"
+    filters = [parameter for parameter in parameters if muon and parameter.ndim == 4]
+    rest = [parameter for parameter in parameters if not (muon and parameter.ndim == 4)]
     groups = parameter_groups(rest, model, config)
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if config.optimizer == "adamw":
@@ -105,8 +106,9 @@ class FilterMuon(torch.optim.Muon):
                     "a filter is not in the memory FilterMuon steps (it moved, or it is neither contiguous nor "
                     "channels_last): build FilterMuon once the model is in place"
                 )
-            matrix.grad = None if parameter.grad is None else _as_matrix(parameter.grad, channels_last)
+            matrix.grad = None
             if parameter.grad is not None:
+                matrix.grad = _as_matrix(parameter.grad, channels_last)
                 parameter.mul_(math.sqrt(len(parameter)) / parameter.norm())
         return super().step(closure)
 
