@@ -19,7 +19,8 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from cifar_accel.data import AugmentedSplit, DataBundle, cutout, decode_split
+from cifar_accel.augment import AugmentedSplit, cutout
+from cifar_accel.data import DataBundle, decode_split
 
 
 class DeviceImageDataset(AugmentedSplit):

@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import write_hub_layout
 
+from cifar_accel.augment import DecodedImages
 from cifar_accel.config import AUTO_AUGMENT, TrainConfig
-from cifar_accel.data import DecodedImages, decode_split, load_data, make_dataloader
+from cifar_accel.data import decode_split, load_data, make_dataloader
 from cifar_accel.device_data import DeviceImageDataset
 from cifar_accel.errors import UserError
 

@@ -5,8 +5,9 @@ from collections import Counter
 import pytest
 import torch
 
+from cifar_accel.augment import DecodedImages, reflect_pad
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import DecodedImages, decode_split, load_data, make_dataloader, reflect_pad
+from cifar_accel.data import decode_split, load_data, make_dataloader
 from cifar_accel.device_data import DeviceImageDataset, make_device_dataloader
 
 SIDE = 32
