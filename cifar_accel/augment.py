@@ -124,13 +124,14 @@ def auto_augment_policy(name: str | None) -> v2.Transform | None:
     return AUTO_AUGMENT_POLICIES[name]()
 
 
-def example_seed(seed: int, epoch: int, index: int) -> int:
-    """A 32-bit seed for one example's random transforms in one epoch, from these three numbers alone.
+def draw_seed(*numbers: int) -> int:
+    """A 32-bit seed from these numbers alone: (seed, epoch, example) for an image's random transforms,
+    (seed, epoch, batch, process) for a batch's mixing.
 
     Hashed rather than combined arithmetically: torch's CPU generator keeps only the low 32 bits of a
-    seed, so every one of the three must reach those bits (``seed << 32 | index`` would drop the seed).
+    seed, so every number must reach those bits (``seed << 32 | index`` would drop the seed).
     """
-    key = f"{seed},{epoch},{index}".encode()
+    key = ",".join(str(number) for number in numbers).encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "little")
 
 
@@ -158,7 +159,7 @@ class DecodedImages(AugmentedSplit):
     DataLoader workers.
 
     Crop, flip and cutout come from the epoch's draws; the policy and random erasing draw from the
-    global generator, seeded per example by ``example_seed``, so an example's image depends only on
+    global generator, seeded per example by ``draw_seed``, so an example's image depends only on
     (seed, epoch, index), not on the worker, process, batch or attempt that fetches it.
     ``erase_value`` is the uint8 colour random erasing fills with (see ``make_dataloader``).
     """
@@ -197,7 +198,7 @@ class DecodedImages(AugmentedSplit):
         # The literature's order: crop, flip, policy, cutout; random erasing last. Inference mode skips
         # autograd bookkeeping on the policies' many small ops (~7% of their time); the images may come
         # out as inference tensors, which the collator's stack turns into an ordinary batch.
-        with global_rng_seeded(example_seed(self.seed, self.epoch, index)), torch.inference_mode():
+        with global_rng_seeded(draw_seed(self.seed, self.epoch, index)), torch.inference_mode():
             if self.policy is not None:
                 image = self.policy(image)
             image = self._cutout(image, index)
@@ -214,3 +215,30 @@ class DecodedImages(AugmentedSplit):
 def erase_colour(mean: list[float]) -> tuple[int, ...]:
     """The training images' mean colour in uint8: random erasing's fill, about 0 once normalised."""
     return tuple(round(255 * value) for value in mean)
+
+
+class BatchMixing:
+    """``--mixup`` and ``--cutmix``: torchvision v2 ``MixUp``/``CutMix`` on each training batch, its labels
+    becoming class probabilities for the soft-target loss.
+
+    With both, each batch gets one of the two, at even odds (timm's default switch). Their draws come from
+    (seed, epoch, batch, process) through ``global_rng_seeded``, so a resumed run mixes as an uninterrupted one.
+    """
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, num_classes: int, seed: int, process_index: int):
+        mixes = [
+            mix(alpha=alpha, num_classes=num_classes)
+            for mix, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+            if alpha
+        ]
+        self.transform = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        self.seed, self.process_index = seed, process_index
+
+    def batches(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], epoch: int, first_batch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mix each batch; ``first_batch`` is the index in the epoch of the first one (after a resume, not 0)."""
+        for index, (images, labels) in enumerate(batches, start=first_batch):
+            with global_rng_seeded(draw_seed(self.seed, epoch, index, self.process_index)):
+                mixed_images, targets = self.transform(images, labels)
+            yield mixed_images, targets

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_accel.errors import UserError
+from cifar_accel.reporting import selected_metric
 
 HEADER = ("run", "model", "recipe", "chosen on", "epochs", "best top-1", "top-5", "seconds", "images/s")
 
@@ -46,8 +47,8 @@ def load_run_summary(run_dir: str | Path) -> RunSummary:
             recipe=settings.get("recipe") or "-",
             epochs=settings["epochs"],
             selected_by=results["selected_by"],
-            best_top1=best["eval_top1"],
-            best_top5=best["eval_top5"],
+            best_top1=selected_metric(best, "top1"),
+            best_top5=selected_metric(best, "top5"),
             seconds=seconds,
             images_per_second=images_per_second,
             records=records,

@@ -59,6 +59,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "crop_padding": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (less than the image side)"),
     "cutout": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (smaller than the image)"),
     "random_erasing": (lambda value: 0 <= value <= 1, "a probability in [0, 1]"),
+    "mixup": (lambda value: 0 <= value < math.inf, "0 (off) or a positive finite alpha"),
+    "cutmix": (lambda value: 0 <= value < math.inf, "0 (off) or a positive finite alpha"),
+    "model_ema": (lambda value: 0 <= value < 1, "0 (off) or a decay in (0, 1)"),
+    "max_grad_norm": (lambda value: 0 < value < math.inf, "a positive finite number"),
 }
 
 
@@ -85,9 +89,11 @@ class TrainConfig:
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
     auto_augment: str | None = _option(
         None, "torch loader: a learned/random policy per training image (cifar10: AutoAugment's CIFAR-10 policy)",
-        AUTO_AUGMENT,
+        (*AUTO_AUGMENT, "none"),
     )  # fmt: skip
     random_erasing: float = _option(0.0, "torch loader: probability of erasing a random rectangle (v2 RandomErasing)")
+    mixup: float = _option(0.0, "alpha of v2 MixUp on each training batch, trained on the soft targets (0: off)")
+    cutmix: float = _option(0.0, "alpha of v2 CutMix on each training batch; with --mixup, one of the two per batch")
     data_loader: str = _option(
         "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
     )
@@ -128,6 +134,10 @@ class TrainConfig:
     whiten_bias_decay: bool = _option(
         False, "the whitening bias's learning rate falls straight to 0 over --whiten_bias_epochs (airbench94_muon)"
     )
+    max_grad_norm: float | None = _option(None, "clip the gradients' total norm to this before each update")
+    model_ema: float = _option(
+        0.0, "decay of a moving average of the weights, evaluated beside them; the better is kept (0: off)"
+    )
     lookahead: bool = _option(False, "every 5 steps pull the weights to an EMA of themselves (airbench's lookahead)")
     tta_level: int = _option(0, "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + 1-px shifts")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
@@ -164,6 +174,8 @@ class TrainConfig:
             self.epochs = int(self.epochs)  # "10 epochs", not "10.0", in logs and saved settings
         if isinstance(self.output_dir, str) and self.output_dir.strip():  # '--output_dir=~/runs': no shell expands it
             self.output_dir = os.path.expanduser(self.output_dir)
+        if self.auto_augment == "none":  # turns off a recipe's policy
+            self.auto_augment = None
 
     def validate(self) -> None:
         """Reject values that cannot work or make no sense, naming the flag and what is valid.

@@ -6,6 +6,7 @@ Everything distributed goes through the accelerator: ``prepare`` shards the data
 the model, ``gather_for_metrics`` makes evaluation exact, ``is_main_process`` decides who writes.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -34,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cifar_accel import __version__
+from cifar_accel.augment import BatchMixing
 from cifar_accel.checkpoint import (
     StopRequest,
     TrainingProgress,
@@ -79,13 +81,14 @@ from cifar_accel.reporting import (
     format_epoch_line,
     numeric_values,
     refuse_existing_run,
+    selected_metric,
     tracker_config,
     tracker_folder,
     tracker_names,
 )
 from cifar_accel.saved_model import model_config, save_model
 from cifar_accel.scoring import TOP_K_NAMES, score_predictions
-from cifar_accel.tricks import Lookahead
+from cifar_accel.tricks import Lookahead, ModelEma
 
 COMPILE_BACKEND = "inductor"  # the tests count graphs with the cheaper "aot_eager"
 WHITENING_IMAGES = 5000  # airbench's: the patch covariance of the first 5,000 training images
@@ -183,6 +186,13 @@ class Run:
     checkpoint_saved: bool = False
     data_digest: str | None = None  # of the examples, saved with checkpoints; computed at the first one
     base_model: dict | None = None  # with --init_from: where the starting weights came from
+    ema: ModelEma | None = None  # with --model_ema
+    mixing: BatchMixing | None = None  # with --mixup or --cutmix
+
+    @property
+    def weight_averages(self) -> list:
+        """The averages that step after every update, in that order: lookahead pulls, then the EMA follows."""
+        return [average for average in (self.lookahead, self.ema) if average is not None]
 
     def __post_init__(self):
         self.epoch_totals = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)  # loss, correct, n
@@ -196,6 +206,8 @@ class Run:
         }
         if self.lookahead is not None:
             tensors.update(with_prefix("lookahead", self.lookahead.state_dict()))
+        if self.ema is not None:
+            tensors.update(with_prefix("ema", self.ema.state_dict()))
         self.data_digest = self.data_digest or content_digest(self.data)
         saved_run = {
             "architecture": self.architecture,
@@ -352,16 +364,18 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
         accelerator.prepare(build_scheduler(optimizer, config, updates_per_epoch, accelerator.num_processes))
         for optimizer in optimizers
     ]
-    lookahead = (
-        Lookahead(accelerator.unwrap_model(model, keep_torch_compile=False), process_updates)
-        if config.lookahead
-        else None
-    )
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    mixing = config.mixup or config.cutmix
     run = Run(
         config, accelerator, data, model, prepared_optimizers, schedulers,
-        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader, lookahead,
+        # MixUp and CutMix give class probabilities as targets, which the loss takes as they are.
+        nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), train_loader, eval_loader,
+        Lookahead(unwrapped, process_updates) if config.lookahead else None,
         architecture, resume_from, None, start_time, data_ready_time, math.ceil(len(train_loader) * config.epochs),
         data_digest=data_digest, base_model=base.record() if base else None,
+        ema=ModelEma(unwrapped, config.model_ema) if config.model_ema else None,
+        mixing=BatchMixing(config.mixup, config.cutmix, data.num_classes, config.seed, accelerator.process_index)
+        if mixing else None,
     )  # fmt: skip
     if resume_from:
         restore_checkpoint(run)
@@ -420,6 +434,8 @@ def restore_checkpoint(run: Run) -> None:
     run.best_state = without_prefix("best", saved)
     if run.lookahead is not None:
         run.lookahead.load_state_dict(without_prefix("lookahead", saved))
+    if run.ema is not None:
+        run.ema.load_state_dict(without_prefix("ema", saved))
 
 
 def start_records(run: Run) -> None:
@@ -474,9 +490,12 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
         progress.epoch_learning_rate = run.schedulers[0].get_last_lr()[0]
     steps_left = min(steps_per_epoch, run.total_steps - (epoch - 1) * steps_per_epoch) - progress.step_in_epoch
     data_wait = DataWaitClock()
+    batches = data_wait.timed(first_batches(batches, steps_left))
+    if run.mixing is not None:
+        batches = run.mixing.batches(batches, epoch, progress.step_in_epoch)
     steps = train_steps(
-        run.model, data_wait.timed(first_batches(batches, steps_left)), run.optimizers, run.schedulers, run.criterion,
-        accelerator, run.epoch_totals, run.lookahead,
+        run.model, batches, run.optimizers, run.schedulers, run.criterion, accelerator, run.epoch_totals,
+        run.weight_averages, config.max_grad_norm,
     )  # fmt: skip
     for loss in steps:
         progress.step_in_epoch += 1
@@ -494,8 +513,8 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
             run.watch.check(accelerator, steps_per_epoch)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     run.watch.check(accelerator, steps_per_epoch)
-    if run.lookahead is not None and epoch == config.epoch_count:
-        run.lookahead.finish()  # the last epoch is evaluated and saved as the average
+    if epoch == config.epoch_count:
+        finish_weight_averages(run)
     train_seconds = time.perf_counter() - epoch_start
     record = epoch_record(run, epoch_start, train_seconds, data_wait.seconds)
     if config.evaluates_after(epoch):
@@ -507,6 +526,15 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
         run.folder.drop_replaced_run()  # this run has a finished epoch of its own now
     checkpoint = run.save_checkpoint() if config.checkpointing_steps == "epoch" else None
     run.stop_if_requested(stop, f"after epoch {epoch}", checkpoint)
+
+
+def finish_weight_averages(run: Run) -> None:
+    """After the last step: lookahead's weights become its average (the last epoch is evaluated and saved as
+    that), and with nothing selected by evaluation the EMA is the model kept."""
+    if run.lookahead is not None:
+        run.lookahead.finish()
+    if run.ema is not None and run.config.eval_strategy == "no":
+        run.ema.finish()
 
 
 def train_whitening_bias(run: Run, epoch: int) -> None:
@@ -541,13 +569,19 @@ def epoch_record(run: Run, epoch_start: float, train_seconds: float, data_wait_s
 
 
 def evaluate_epoch(run: Run, record: dict) -> None:
-    """Add the evaluation on the selection split to the epoch's record."""
+    """Add the evaluation on the selection split to the epoch's record; with ``--model_ema`` the EMA's too
+    (``ema_eval_*``), and which of the two weights is the better (``selected_weights``)."""
     eval_start = time.perf_counter()
     eval_stats = evaluate(run.model, run.eval_loader, run.accelerator)
-    eval_seconds = time.perf_counter() - eval_start
     record.update(
         {"eval_split": run.data.selection_split, **{f"eval_{name}": value for name, value in eval_stats.items()}}
     )
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            ema_stats = evaluate(run.model, run.eval_loader, run.accelerator)
+        record.update({f"ema_eval_{name}": value for name, value in ema_stats.items()})
+        record["selected_weights"] = "ema" if ema_stats["top1"] > eval_stats["top1"] else "raw"
+    eval_seconds = time.perf_counter() - eval_start
     record["eval_seconds"] = eval_seconds
     record["seconds"] += eval_seconds
 
@@ -556,10 +590,11 @@ def keep_record(run: Run, record: dict, bar: tqdm) -> None:
     """Log the epoch; if it was evaluated and is the best so far, keep its weights in memory and as the saved model."""
     run.progress.records.append(record)
     run.accelerator.log(numeric_values(record), step=record["epoch"])
-    if "eval_top1" in record and record["eval_top1"] > run.progress.best["eval_top1"]:
+    if "eval_top1" in record and selected_metric(record, "top1") > selected_metric(run.progress.best, "top1"):
         run.progress.best = record
-        run.best_state = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
-        save_best_model(run)
+        with run.ema.swapped_in() if record.get("selected_weights") == "ema" else contextlib.nullcontext():
+            run.best_state = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
+            save_best_model(run)
     if run.folder:
         bar.write(format_epoch_line(record, run.config.epochs))
         run.folder.save_metrics(run.progress.records)
@@ -618,6 +653,8 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
     results.update(
         best_epoch=best["epoch"], selected_by=data.selection_split if selecting else "last", best_metrics=best
     )
+    if run.ema is not None:  # the raw weights or their moving average (kept when nothing was compared)
+        results["selected_weights"] = best["selected_weights"] if selecting else "ema"
     run.stop_if_requested(stop, "during the final evaluation")
     accelerator.log({f"final_{name}": scores[name] for name in TOP_K_NAMES}, step=config.epoch_count)
     results["timing"] = {
@@ -630,7 +667,11 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
         run.folder.save_results(results)
         run.folder.save_reports(run.progress.records, results, config.hub_model_id if config.push_to_hub else None)
     run.stop_if_requested(stop, "while writing the reports")
-    chosen = f"best {data.selection_split} top1 {best['eval_top1']:.2%} at epoch {best['epoch']}; " if selecting else ""
+    chosen = (
+        f"best {data.selection_split} top1 {selected_metric(best, 'top1'):.2%} at epoch {best['epoch']}; "
+        if selecting
+        else ""
+    )
     tta = f" ({results['tta_metrics']['top1']:.2%} with TTA)" if config.tta_level else ""
     accelerator.print(
         f"{chosen}{final_split} top1 {final['top1']:.2%}{tta}; saved to {config.output_dir}/best "

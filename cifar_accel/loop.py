@@ -52,10 +52,14 @@ def evaluate(
     return metrics
 
 
-def train_steps(model, batches, optimizers, schedulers, criterion, accelerator, totals, lookahead=None):
+def train_steps(
+    model, batches, optimizers, schedulers, criterion, accelerator, totals, weight_averages=(), max_grad_norm=None
+):
     """Train on each batch, yielding its loss after the step so the caller can log, save or stop.
 
-    Every optimizer steps on every batch (with Muon: SGD for some parameters, Muon for the filters).
+    Every optimizer steps on every batch (with Muon: SGD for some parameters, Muon for the filters); each
+    weight average (lookahead, model EMA) steps after every update. A batch's labels may be class
+    probabilities (MixUp, CutMix): its accuracy then counts the class with the largest share.
 
     ``totals`` (loss sum, correct, examples) is summed on the device: no host sync in the step.
     """
@@ -65,16 +69,20 @@ def train_steps(model, batches, optimizers, schedulers, criterion, accelerator, 
             logits = model(images)
             loss = criterion(logits, labels)
             accelerator.backward(loss)
+            if max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             for optimizer in optimizers:
                 optimizer.step()
             for scheduler in schedulers:
                 scheduler.step()
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-        if lookahead is not None and accelerator.sync_gradients:
-            lookahead.step()
+        if accelerator.sync_gradients:
+            for average in weight_averages:
+                average.step()
+        classes = labels.argmax(dim=1) if labels.ndim == 2 else labels
         totals[0] += loss.detach().double() * len(labels)
-        totals[1] += (logits.argmax(dim=1) == labels).sum()
+        totals[1] += (logits.argmax(dim=1) == classes).sum()
         totals[2] += len(labels)
         yield loss.detach()
 

@@ -17,8 +17,9 @@ LIBRARY_NAME = "cifar-accel"
 KEY_SETTINGS = (
     "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
     "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction", "label_smoothing",
-    "crop_padding", "cutout", "alternating_flip", "drop_last", "lookahead", "mixed_precision", "eval_strategy",
-    "eval_epochs", "max_train_samples", "max_eval_samples", "validation_size", "seed", "init_from", "init_revision",
+    "crop_padding", "cutout", "auto_augment", "random_erasing", "mixup", "cutmix", "alternating_flip", "drop_last",
+    "lookahead", "model_ema", "max_grad_norm", "mixed_precision", "eval_strategy", "eval_epochs",
+    "max_train_samples", "max_eval_samples", "validation_size", "seed", "init_from", "init_revision",
     "freeze_backbone",
 )  # fmt: skip
 
@@ -98,6 +99,10 @@ def _training_section(settings: dict, results: dict) -> str:
             selection_note = " (no validation hold-out: the results above are of the epoch that split chose)"
         chosen_on = results["selected_by"]
         selection = f"The best epoch ({results['best_epoch']}) was chosen on the `{chosen_on}` split{selection_note}."
+    if results.get("selected_weights") == "ema":
+        selection += " The weights are the moving average of the trained weights (`model_ema`)" + (
+            ", which scored higher than the trained weights themselves." if results["selected_by"] != "last" else "."
+        )
     environment, timing = settings["environment"], results["timing"]
     versions = ", ".join(f"{name} {environment[name]}" for name in ("cifar_accel", "torch", "accelerate", "datasets"))
     return f"""## Training

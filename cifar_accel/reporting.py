@@ -13,6 +13,13 @@ from cifar_accel.model_card import build_model_card
 from cifar_accel.plots import plot_confusion_matrix, plot_training_curves
 
 
+def selected_metric(record: dict, name: str) -> float:
+    """An evaluated epoch's metric for the weights it would keep: with ``--model_ema``, the better of the
+    raw weights (``eval_*``) and their moving average (``ema_eval_*``), as ``selected_weights`` says."""
+    prefix = "ema_eval_" if record.get("selected_weights") == "ema" else "eval_"
+    return record[prefix + name]
+
+
 def format_epoch_line(record: dict, epochs: float) -> str:
     """One line per epoch, in the style of the seed projects' logs; an epoch not evaluated has no eval part."""
     evaluation = (
@@ -21,6 +28,8 @@ def format_epoch_line(record: dict, epochs: float) -> str:
         if "eval_top1" in record
         else ""
     )
+    if "ema_eval_top1" in record:
+        evaluation += f" (EMA top1 {record['ema_eval_top1']:6.2%})"
     return (
         f"epoch {record['epoch']:>3}/{epochs} | train loss {record['train_loss']:.4f} acc {record['train_acc']:6.2%}"
         f"{evaluation} | lr {record['lr']:.4g} | {record['seconds']:.1f}s ({record['images_per_second']:.0f} img/s)"

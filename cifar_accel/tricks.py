@@ -1,8 +1,19 @@
-"""Small named training tricks from the CIFAR speed-run literature, each usable on its own."""
+"""Small named training tricks, each usable on its own: two weight averages (airbench's lookahead, timm's
+model EMA) and test-time augmentation."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def floating_point_state(model: nn.Module) -> tuple[tuple[str, ...], tuple[Tensor, ...]]:
+    """The names and tensors of the model's floating-point weights and buffers (BatchNorm statistics
+    included, its integer batch counts not): what a weight average averages."""
+    names, tensors = zip(*((name, t) for name, t in model.state_dict().items() if t.is_floating_point()), strict=True)
+    return names, tensors
 
 
 class Lookahead:
@@ -17,11 +28,7 @@ class Lookahead:
     def __init__(self, model: nn.Module, total_steps: int, every: int = 5):
         self.total_steps, self.every = max(total_steps, 1), every
         self.steps = 0
-        # The floating-point weights and buffers, listed once: each pull is two foreach kernels over them.
-        self.names, self.weights = zip(
-            *((name, t) for name, t in model.state_dict().items() if t.dtype in (torch.float16, torch.float32)),
-            strict=True,
-        )
+        self.names, self.weights = floating_point_state(model)  # each pull: two foreach kernels over them
         self.average: list[Tensor] | None = None
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -51,6 +58,53 @@ class Lookahead:
         if self.average is None:
             self.average = [tensor.detach().clone() for tensor in self.weights]
         torch._foreach_lerp_(self.average, self.weights, 1 - decay)
+        torch._foreach_copy_(self.weights, self.average)
+
+
+class ModelEma:
+    """``--model_ema``: timm's model EMA, an exponential moving average of the weights (and BatchNorm
+    statistics) kept beside the model, moved toward it after every optimizer update.
+
+    Its decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, as TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates`` does: the first updates are not dominated by the
+    initial weights. Evaluating it swaps it into the model (``swapped_in``), so the model's wrappers
+    (DDP, compilation, mixed precision) serve it as they serve the weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.names, self.weights = floating_point_state(model)
+        self.average = [tensor.detach().clone() for tensor in self.weights]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """For checkpoints: the update count and the average, as tensors."""
+        return {"updates": torch.tensor(self.updates), **dict(zip(self.names, self.average, strict=True))}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.updates = int(state["updates"])
+        self.average = [state[name].clone() for name in self.names]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Call after every optimizer update."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.average, self.weights, 1 - decay)
+
+    @contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the average inside the block, its own weights again after it."""
+        kept = [tensor.clone() for tensor in self.weights]
+        torch._foreach_copy_(self.weights, self.average)
+        try:
+            yield
+        finally:
+            torch._foreach_copy_(self.weights, kept)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """The model keeps the average (with ``--eval_strategy no``, where nothing is compared)."""
         torch._foreach_copy_(self.weights, self.average)
 
 

@@ -91,6 +91,11 @@ def test_flags_are_parsed_into_typed_fields():
         (["--milestones", "1.5"], "--milestones must be increasing fractions"),
         (["--num_workers", "1000"], "--num_workers must be 0 to 64, got 1000"),
         (["--weight_decay", "-1"], "--weight_decay must be zero or a positive finite number"),
+        (["--mixup", "-0.2"], "--mixup must be 0 \\(off\\) or a positive finite alpha, got -0.2"),
+        (["--cutmix", "inf"], "--cutmix must be 0 \\(off\\) or a positive finite alpha, got inf"),
+        (["--model_ema", "1"], "--model_ema must be 0 \\(off\\) or a decay in \\(0, 1\\), got 1$"),
+        (["--max_grad_norm", "0"], "--max_grad_norm must be a positive finite number, got 0$"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a positive finite number, got nan"),
         (["--model_args", '{"widths": 5}'], "model 'resnet9' does not take widths"),
         (["--model", "bn_cnn", "--model_args", '{"conv_dropout": 2}'], "--model_args .*bn_cnn cannot be built"),
         (["--dataset", ""], "--dataset must name a Hub dataset or a folder"),
@@ -127,6 +132,13 @@ def test_a_recipe_sets_values_and_explicit_flags_override_it():
     )
     assert config.epochs == 3 and config.nesterov is True  # given on the command line, over the recipe's false
     assert config.to_dict()["weight_decay"] == 1e-4  # the resolved value is what train_config.json records
+
+
+def test_auto_augment_none_turns_off_a_recipes_policy(tmp_path):
+    recipe = tmp_path / "strong.yaml"
+    recipe.write_text("auto_augment: cifar10\n")
+    assert parse_train_args(["--recipe", str(recipe)]).auto_augment == "cifar10"
+    assert parse_train_args(["--recipe", str(recipe), "--auto_augment", "none"]).auto_augment is None
 
 
 def test_every_shipped_recipe_is_complete_and_valid():

@@ -44,6 +44,9 @@ FLAG_VALUES = {
     "--optimizer": st.sampled_from(["sgd", "adamw", "muon", "adam"]),
     "--muon_learning_rate": st.one_of(numbers, st.floats(0.01, 0.5)),
     "--muon_momentum": st.floats(-0.5, 1.5),
+    "--mixup": st.one_of(numbers, st.floats(0, 1)),
+    "--model_ema": st.floats(-0.5, 1.5),
+    "--max_grad_norm": st.one_of(numbers, st.floats(0.1, 10)),
     "--scheduler": st.sampled_from(["onecycle", "cosine", "multistep", "constant", "step"]),
     "--checkpointing_steps": st.sampled_from(["epoch", "0", "3", "often", "-1"]),
     "--output_dir": st.sampled_from(["new", "holds_a_run", "a_file", "a_file/run", ""]),
@@ -84,6 +87,8 @@ def assert_within_documented_ranges(config) -> None:
     assert config.compile or config.compile_mode == "default"
     assert 0 < config.muon_learning_rate < math.inf and 0 <= config.muon_momentum < 1
     assert config.optimizer == "muon" or (config.muon_learning_rate, config.muon_momentum) == (0.24, 0.6)
+    assert 0 <= config.mixup < math.inf and 0 <= config.model_ema < 1
+    assert config.max_grad_norm is None or 0 < config.max_grad_norm < math.inf
     assert all(0 < milestone < 1 for milestone in config.milestones) and config.milestones == sorted(config.milestones)
 
 

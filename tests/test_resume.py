@@ -17,16 +17,22 @@ from conftest import REPO_ROOT, accelerate_launch, run_command
 from safetensors.torch import load_file
 
 from cifar_accel.checkpoint import write_manifest
+from cifar_accel.reporting import selected_metric
 
 FAKE_TOKEN = "hf_cifarAccelFakeToken0123456789"
 VARIANTS = {
-    "torch loader, 2 workers": "--model bn_cnn --batch_size 32 --learning_rate 0.05 --label_smoothing 0 "
-    "--num_workers 2",
+    # Every per-image and per-batch random draw, and the moving average of the weights, resume exactly.
+    "torch loader, 2 workers": "--model bn_cnn --batch_size 32 --learning_rate 0.05 --label_smoothing 0.1 "
+    "--num_workers 2 --auto_augment cifar10 --random_erasing 0.25 --mixup 0.4 --cutmix 1.0 --model_ema 0.9 "
+    "--max_grad_norm 2",
     # Muon's state, the whitening bias's own decay and the lookahead's average all resume exactly.
     "device loader, airbench94_muon with lookahead": "--recipe airbench94_muon --batch_size 32 --lookahead",
 }
 COMMON = "--epochs 3 --checkpointing_steps 5"  # 8 steps per epoch: checkpoints at steps 5, 10, 15, 20
-COMPARED = ("epoch", "train_loss", "train_acc", "train_examples", "eval_loss", "eval_top1", "eval_top5", "eval_n", "lr")
+COMPARED = (
+    "epoch", "train_loss", "train_acc", "train_examples", "eval_loss", "eval_top1", "eval_top5", "eval_n", "lr",
+    "ema_eval_loss", "ema_eval_top1", "selected_weights",
+)  # fmt: skip
 
 
 def train_command(dataset: Path, output_dir: Path, variant: str, *extra: str) -> list[str]:
@@ -93,7 +99,10 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_an_uninterrupt
     epoch, step = map(int, re.search(r"resuming from .*: epoch (\d+), step (\d+)", result.stdout).groups())
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[epoch - 1])
     assert record["images_per_second"] * record["train_seconds"] == pytest.approx((8 - step) * 32)
-    assert json.loads((run_dir / "results.json").read_text())["timing"]["resumed"] is True
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["timing"]["resumed"] is True
+    # The saved best model is the weights chosen: with --model_ema, the raw ones or their average.
+    assert results["final_metrics"]["top1"] == selected_metric(results["best_metrics"], "top1")
     # TensorBoard holds each epoch once: what the killed run logged after its checkpoint is purged.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,8 +1,11 @@
+import pytest
 import torch
+from accelerate import Accelerator
 from torch import nn
 
+from cifar_accel.loop import train_steps
 from cifar_accel.models import get_model
-from cifar_accel.tricks import Lookahead, tta_logits
+from cifar_accel.tricks import Lookahead, ModelEma, tta_logits
 
 
 class FirstColumn(nn.Module):
@@ -62,3 +65,51 @@ def test_airbench_whitening_decorrelates_patches_of_its_training_images():
     covariance = features.T @ features / len(features)
     assert torch.allclose(covariance, torch.eye(12), atol=0.1)
     assert not model.whiten.weight.requires_grad
+
+
+def test_model_ema_warms_up_then_averages_with_its_decay():
+    layer = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    ema = ModelEma(layer, decay=0.5)
+    expected = 0.0
+    for update in range(1, 6):
+        with torch.no_grad():
+            layer.weight.fill_(float(update))
+        ema.step()
+        decay = min(0.5, (1 + update) / (10 + update))  # 2/11, 3/12, 4/13: warm-up; then 0.5
+        expected = decay * expected + (1 - decay) * update
+    assert ema.average[0].item() == pytest.approx(expected)
+    assert layer.weight.item() == 5.0  # the model keeps its own weights
+
+
+def test_model_ema_swaps_in_for_evaluation_and_back_and_averages_batchnorm_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = ModelEma(model, decay=0.9)
+    model.train()
+    model(torch.randn(8, 3, 6, 6))  # moves the running statistics and counts a batch
+    ema.step()
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with ema.swapped_in():
+        inside = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+    assert not torch.equal(inside["1.running_mean"], weights["1.running_mean"])  # averaged, not the batch's
+    assert torch.equal(inside["1.num_batches_tracked"], weights["1.num_batches_tracked"])  # an integer: not averaged
+    restored = ModelEma(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 1 and all(map(torch.equal, restored.average, ema.average))
+    ema.finish()
+    assert all(torch.equal(inside[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_max_grad_norm_clips_the_update():
+    accelerator = Accelerator(cpu=True)
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    batches = [(torch.full((2, 4), 100.0), torch.full((2, 1), -100.0))]
+    totals = torch.zeros(3, dtype=torch.float64)
+    steps = train_steps(layer, batches, [optimizer], [], nn.MSELoss(), accelerator, totals, max_grad_norm=0.5)
+    list(steps)
+    assert layer.weight.norm().item() == pytest.approx(0.5)  # the gradient's norm is 10^5 before clipping
