@@ -23,6 +23,9 @@ KEY_SETTINGS = (
     "freeze_backbone",
 )  # fmt: skip
 
+# Regularisers most runs do not use: a row only when they are on.
+SHOWN_ONLY_WHEN_ON = ("random_erasing", "mixup", "cutmix", "model_ema")
+
 
 def _usage(model_reference: str) -> str:
     return f"""## Usage
@@ -89,7 +92,11 @@ Per-class top-1 accuracy:
 
 
 def _training_section(settings: dict, results: dict) -> str:
-    shown = [name for name in KEY_SETTINGS if settings.get(name) not in (None, {})]
+    shown = [
+        name
+        for name in KEY_SETTINGS
+        if settings.get(name) not in (None, {}) and (settings[name] or name not in SHOWN_ONLY_WHEN_ON)
+    ]
     rows = "\n".join(f"| `{name}` | `{json.dumps(settings[name])}` |" for name in shown)
     if results["selected_by"] == "last":
         selection = f"The model is the last epoch's ({results['best_epoch']}); no epoch was selected."
