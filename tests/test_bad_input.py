@@ -7,8 +7,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 from conftest import cifar_accel_command, replace_column_values, run_command, write_hub_layout
+
+from cifar_accel.cli import train_main
 
 TINY_RUN = "--model bn_cnn --epochs 1 --batch_size 32 --num_workers 0 --checkpointing_steps epoch"
 
@@ -101,10 +104,23 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_training_input(workspace, colour_dataset, case):
+def test_bad_training_input(workspace, colour_dataset, case, monkeypatch, capsys):
+    """In this process, through the entry point ``train.py`` calls (a subprocess each would cost ~7 s);
+    the tests below run the real commands."""
     flags, message = (text.format(root=workspace) for text in CASES[case])
+    argv = ["--dataset", str(colour_dataset), "--output_dir", str(workspace / "new"), *TINY_RUN.split()]
+    monkeypatch.setenv("CIFAR_ACCEL_CACHE", str(workspace / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as run_command's environment has it
+    before = snapshot(workspace)
+    with pytest.raises(SystemExit) as exited:
+        train_main([*argv, *flags.split()])
+    _check_refusal(exited.value.code, capsys.readouterr().err, message)
+    assert snapshot(workspace) == before  # no output folder, no cache file, nothing touched
+
+
+def test_a_bad_flag_through_train_py(workspace, colour_dataset):
     command = [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(workspace / "new")]
-    _check_refused(workspace, [*command, *TINY_RUN.split(), *flags.split()], message)
+    _check_refused(workspace, [*command, "--model", "resnet7"], "unknown model 'resnet7'; choose one of: airbench94")
 
 
 def test_unreachable_hub(workspace):
@@ -140,8 +156,13 @@ def test_bad_saved_model(workspace, colour_dataset, folder, message):
 def _check_refused(workspace: Path, command: list[str], message: str, env: dict | None = None) -> None:
     before = snapshot(workspace)
     result = run_command(command, env={"CIFAR_ACCEL_CACHE": str(workspace / "cache"), **(env or {})})
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), result.stderr[-2000:]
-    assert result.stderr.rstrip().endswith(errors[0]) and "Traceback" not in result.stderr
+    _check_refusal(result.returncode, result.stderr, message)
     assert snapshot(workspace) == before  # no output folder, no cache file, nothing touched
+
+
+def _check_refusal(exit_code: int, stderr: str, message: str) -> None:
+    """Exit status 2 and one line on stderr, the last, starting with the message; no traceback."""
+    assert exit_code == 2, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), stderr[-2000:]
+    assert stderr.rstrip().endswith(errors[0]) and "Traceback" not in stderr
