@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cifar_accel.config import SCHEDULER_ALIASES
 from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.files import as_os_error, write_json
 from cifar_accel.saved_model import on_cpu
@@ -142,6 +143,11 @@ def _saved_run(path: Path) -> dict:
         raise UserError(f"cannot resume from {path}: {PROGRESS_FILE} is unreadable ({error})") from None
 
 
+def _current_name(setting: str, value: object) -> object:
+    """A checkpoint written before ``--scheduler onecycle`` was renamed ``linear`` holds the old name."""
+    return SCHEDULER_ALIASES.get(value, value) if setting == "scheduler" else value
+
+
 def resume_settings(requested: dict, default_output_dir: str) -> dict:
     """The settings of the run a checkpoint belongs to, for ``--resume_from_checkpoint``.
 
@@ -156,7 +162,9 @@ def resume_settings(requested: dict, default_output_dir: str) -> dict:
     differences = [
         f"--{name} {json.dumps(saved[name])} (asked: {json.dumps(value)})"
         for name, value in requested.items()
-        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value
+        if name not in RESUME_MAY_CHANGE
+        and name in saved
+        and _current_name(name, saved[name]) != _current_name(name, value)
     ]
     if differences:
         raise UserError(

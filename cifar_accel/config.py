@@ -20,7 +20,9 @@ from cifar_accel.errors import UserError
 
 DATA_LOADERS = ("torch", "device")
 OPTIMIZERS = ("sgd", "adamw", "muon")
-SCHEDULERS = ("onecycle", "cosine", "multistep", "constant")
+SCHEDULERS = ("linear", "cosine", "multistep", "constant")
+# Still accepted: "onecycle" is what the Hugging Face schedulers call "linear" (warm-up, then linear decay).
+SCHEDULER_ALIASES = {"onecycle": "linear"}
 MIXED_PRECISION = ("no", "fp16", "bf16")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 EVAL_STRATEGIES = ("epoch", "no")
@@ -121,10 +123,14 @@ class TrainConfig:
     nesterov: bool = _option(True, "use Nesterov momentum with SGD (and Muon)")
     muon_learning_rate: float = _option(0.24, "--optimizer muon: learning rate of the conv filters")
     muon_momentum: float = _option(0.6, "--optimizer muon: momentum of the conv filters")
-    scheduler: str = _option("onecycle", "learning-rate schedule after warm-up", SCHEDULERS)
+    scheduler: str = _option(
+        "linear",
+        "learning-rate schedule after warm-up (onecycle: the same as linear)",
+        (*SCHEDULERS, *SCHEDULER_ALIASES),
+    )
     warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up")
     warmup_start_fraction: float = _option(0.0, "warm-up starts at this fraction of the peak learning rate")
-    final_lr_fraction: float = _option(0.0, "onecycle/cosine: decay to this fraction of the peak instead of zero")
+    final_lr_fraction: float = _option(0.0, "linear/cosine: decay to this fraction of the peak instead of zero")
     milestones: list[float] = _option([0.5, 0.75], "multistep: fractions of training where lr is multiplied by gamma")
     gamma: float = _option(0.1, "multistep: factor applied at each milestone")
     label_smoothing: float = _option(0.2, "label smoothing of the training loss")
@@ -176,6 +182,7 @@ class TrainConfig:
             self.output_dir = os.path.expanduser(self.output_dir)
         if self.auto_augment == "none":  # turns off a recipe's policy
             self.auto_augment = None
+        self.scheduler = SCHEDULER_ALIASES.get(self.scheduler, self.scheduler)
 
     def validate(self) -> None:
         """Reject values that cannot work or make no sense, naming the flag and what is valid.

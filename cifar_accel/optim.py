@@ -3,7 +3,7 @@
 SGD or AdamW train every parameter; with ``--optimizer muon``, Muon trains the convolution filters and
 SGD the rest, as airbench94_muon splits them. Schedules are multipliers of the peak learning rate as a
 function of training progress, so one ``LambdaLR`` per optimizer serves them all: linear warm-up, then
-onecycle / cosine / multistep / constant.
+linear / cosine / multistep / constant.
 """
 
 import math
@@ -122,7 +122,7 @@ class FilterMuon(torch.optim.Muon):
                     parameter.grad.zero_()
 
 
-def _onecycle(progress: float) -> float:
+def _linear(progress: float) -> float:
     return 1.0 - progress
 
 
@@ -161,7 +161,7 @@ def lr_multiplier(config, total_steps: int) -> Callable[[int], float]:
     is airbench94's triangle: 0.2 of the peak at the first step, the peak at 23%, 0.07 at the end.
     """
     warmup_steps = round(config.warmup_fraction * total_steps)
-    decay = {"onecycle": _onecycle, "cosine": _cosine, "constant": _constant}.get(config.scheduler)
+    decay = {"linear": _linear, "cosine": _cosine, "constant": _constant}.get(config.scheduler)
     if config.scheduler == "multistep":
         decay = _multistep(config.milestones, config.gamma)
 

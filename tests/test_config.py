@@ -134,6 +134,11 @@ def test_a_recipe_sets_values_and_explicit_flags_override_it():
     assert config.to_dict()["weight_decay"] == 1e-4  # the resolved value is what train_config.json records
 
 
+def test_onecycle_is_accepted_as_the_earlier_name_of_linear():
+    assert parse_train_args(["--scheduler", "onecycle"]).scheduler == "linear"
+    assert TrainConfig(scheduler="onecycle").to_dict()["scheduler"] == "linear"  # a saved config, a recipe
+
+
 def test_auto_augment_none_turns_off_a_recipes_policy(tmp_path):
     recipe = tmp_path / "strong.yaml"
     recipe.write_text("auto_augment: cifar10\n")

@@ -47,7 +47,7 @@ FLAG_VALUES = {
     "--mixup": st.one_of(numbers, st.floats(0, 1)),
     "--model_ema": st.floats(-0.5, 1.5),
     "--max_grad_norm": st.one_of(numbers, st.floats(0.1, 10)),
-    "--scheduler": st.sampled_from(["onecycle", "cosine", "multistep", "constant", "step"]),
+    "--scheduler": st.sampled_from(["linear", "onecycle", "cosine", "multistep", "constant", "step"]),
     "--checkpointing_steps": st.sampled_from(["epoch", "0", "3", "often", "-1"]),
     "--output_dir": st.sampled_from(["new", "holds_a_run", "a_file", "a_file/run", ""]),
 }

@@ -19,8 +19,8 @@ def _learning_rates(config: TrainConfig, total_steps: int = 100) -> list[float]:
     return rates
 
 
-def test_onecycle_warms_up_linearly_to_the_peak_then_decays_to_zero():
-    rates = _learning_rates(TrainConfig(scheduler="onecycle", learning_rate=0.4, warmup_fraction=0.2))
+def test_linear_warms_up_linearly_to_the_peak_then_decays_to_zero():
+    rates = _learning_rates(TrainConfig(scheduler="linear", learning_rate=0.4, warmup_fraction=0.2))
     assert rates[0] == pytest.approx(0.4 / 20)
     assert max(rates) == pytest.approx(0.4) and rates.index(max(rates)) == 19
     assert rates[-1] == pytest.approx(0.4 / 80, rel=0.01)
