@@ -20,7 +20,14 @@ from cifar_accel.errors import UserError
 from cifar_accel.hub import download_model_files, looks_like_local_path
 from cifar_accel.images import to_rgb
 from cifar_accel.models import get_model
-from cifar_accel.saved_model import load_weights, model_config, preprocessing, read_model_config, save_model
+from cifar_accel.saved_model import (
+    load_weights,
+    model_config,
+    model_folder,
+    preprocessing,
+    read_model_config,
+    save_model,
+)
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
 
@@ -139,7 +146,8 @@ class ImageClassifier(
 
 
 def load_model(repo_id_or_path: str | Path, revision: str | None = None, **download_options) -> ImageClassifier:
-    """A saved model in eval mode, from a local folder or a Hub repo (through the Hugging Face cache).
+    """A saved model in eval mode, from a local folder (a run folder stands for its ``best/``) or a Hub repo
+    (through the Hugging Face cache).
 
     Loading is strict: weights that do not fit the configured architecture are an error.
     """
@@ -150,6 +158,8 @@ def load_model(repo_id_or_path: str | Path, revision: str | None = None, **downl
         folder = download_model_files(str(repo_id_or_path), revision, **download_options)
     elif revision is not None:
         raise UserError(f"--revision is for Hub repos; {repo_id_or_path} is a local folder")
+    else:
+        folder = model_folder(folder)
     config = read_model_config(folder)
     model = ImageClassifier(**{key: config[key] for key in ImageClassifier._hub_mixin_init_parameters if key in config})
     load_weights(model.network, folder, config["architecture"])

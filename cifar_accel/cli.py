@@ -78,7 +78,11 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hub repo id (USER/NAME) or folder holding a saved model")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Hub repo id (USER/NAME), folder holding a saved model, or a run folder (its best/)",
+    )
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (default: main)")
 
 

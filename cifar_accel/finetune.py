@@ -13,7 +13,7 @@ from torch import nn
 from cifar_accel.errors import UserError
 from cifar_accel.hub import download_model_files, looks_like_local_path
 from cifar_accel.models import classifier_layer
-from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_state_strictly, read_model_config, read_weights
+from cifar_accel.saved_model import WEIGHTS_NAME, load_state_strictly, model_folder, read_model_config, read_weights
 
 
 @dataclass
@@ -41,8 +41,7 @@ def find_base_model(source: str, revision: str | None = None) -> BaseModel:
     the Hugging Face cache (so ``HF_HUB_OFFLINE=1`` works once it is cached)."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        if not (folder / CONFIG_NAME).is_file() and (folder / "best" / CONFIG_NAME).is_file():
-            folder = folder / "best"  # a run folder: its saved model
+        folder = model_folder(folder)
         if revision is not None:
             raise UserError(f"--init_revision is for Hub repos; --init_from {source} is a local folder")
         return BaseModel(source, folder, read_model_config(folder), None)

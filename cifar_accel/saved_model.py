@@ -27,6 +27,13 @@ NOT_A_SAVED_MODEL = f"a saved model is a folder holding {WEIGHTS_NAME} and {CONF
 CONFIG_KEYS = ("architecture", "model_args", "num_classes", "class_names", "mean", "std", "input_size")
 
 
+def model_folder(folder: Path) -> Path:
+    """The folder of a saved model: ``folder`` itself, or a run folder's ``best/``."""
+    if not (folder / CONFIG_NAME).is_file() and (folder / "best" / CONFIG_NAME).is_file():
+        return folder / "best"
+    return folder
+
+
 def model_config(
     architecture: str, model_args: dict, class_names: list[str], mean: list[float], std: list[float]
 ) -> dict:

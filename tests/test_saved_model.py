@@ -27,6 +27,15 @@ def test_a_saved_network_is_rebuilt_from_its_config_with_the_same_outputs(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_a_run_folder_stands_for_its_best_model(tmp_path):
+    original = _save(tmp_path / "run" / "best")
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(load_model(tmp_path / "run")(images), original(images))
+    with pytest.raises(UserError, match="a saved model is a folder holding model.safetensors and config.json"):
+        load_model(tmp_path)  # a folder that holds neither, nor a best/ that does
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path):
     _save(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
