@@ -329,6 +329,14 @@ def _base_type(annotation: Any) -> Any:
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
+# The Hugging Face examples' spellings (run_image_classification_no_trainer.py and peers), accepted as ours.
+FLAG_ALIASES = {
+    "dataset": ("--dataset_name",),
+    "batch_size": ("--per_device_train_batch_size",),
+    "eval_batch_size": ("--per_device_eval_batch_size",),
+    "epochs": ("--num_train_epochs",),
+    "scheduler": ("--lr_scheduler_type",),
+}
 
 
 def _number(kind: type) -> Any:
@@ -383,7 +391,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
                 options["help"] = f"{help_text}; one of: {', '.join(choices)}"
             converter = _number(kind) if kind in (int, float) else kind
             options.update(type=converter, choices=choices, metavar="NAME" if choices else _METAVARS[kind])
-        parser.add_argument(f"--{config_field.name}", **options)
+        aliases = FLAG_ALIASES.get(config_field.name, ())
+        parser.add_argument(f"--{config_field.name}", *aliases, dest=config_field.name, **options)
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -416,7 +425,12 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         argument_default=argparse.SUPPRESS,  # only flags given explicitly reach the namespace
     )
     add_dataclass_arguments(parser, TrainConfig)
+    parser.add_argument(
+        "--with_tracking", action="store_true", help="the Hugging Face examples' flag: --report_to all, unless given"
+    )
     explicit = vars(parser.parse_args(argv))
+    if explicit.pop("with_tracking", False):
+        explicit.setdefault("report_to", "all")
     settings: dict[str, Any] = {}
     if explicit.get("recipe"):
         from cifar_accel.recipes import load_recipe

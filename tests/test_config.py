@@ -134,6 +134,23 @@ def test_a_recipe_sets_values_and_explicit_flags_override_it():
     assert config.to_dict()["weight_decay"] == 1e-4  # the resolved value is what train_config.json records
 
 
+def test_the_hugging_face_examples_flags_are_accepted_and_shown_beside_ours(capsys):
+    config = parse_train_args(
+        ["--dataset_name", "someone/pets", "--per_device_train_batch_size", "64", "--per_device_eval_batch_size",
+         "100", "--num_train_epochs", "3", "--lr_scheduler_type", "cosine", "--with_tracking"]
+    )  # fmt: skip
+    assert (config.dataset, config.batch_size, config.eval_batch_size, config.epochs) == ("someone/pets", 64, 100, 3)
+    assert (config.scheduler, config.report_to) == ("cosine", "all")
+    assert parse_train_args(["--with_tracking", "--report_to", "tensorboard"]).report_to == "tensorboard"
+    with pytest.raises(UserError, match="--batch_size must be 1 to 2\\^31, got 0"):
+        parse_train_args(["--per_device_train_batch_size", "0"])
+    with pytest.raises(SystemExit):
+        parse_train_args(["--help"])
+    help_lines = capsys.readouterr().out.splitlines()
+    assert any(line.lstrip().startswith("--batch_size N, --per_device_train_batch_size N") for line in help_lines)
+    assert sum("--per_device_train_batch_size" in line for line in help_lines) == 1
+
+
 def test_onecycle_is_accepted_as_the_earlier_name_of_linear():
     assert parse_train_args(["--scheduler", "onecycle"]).scheduler == "linear"
     assert TrainConfig(scheduler="onecycle").to_dict()["scheduler"] == "linear"  # a saved config, a recipe
