@@ -329,6 +329,14 @@ def _base_type(annotation: Any) -> Any:
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
+RUN_CONFIG_FILE = "train_config.json"
+# What train_config.json records beside the settings (engine.resolved_settings): derived, not replayed.
+RUN_RECORD_ONLY = (
+    "base_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples", "selection_split",
+    "class_names", "mean", "std", "environment",
+)  # fmt: skip
+# Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
+NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}
 # The Hugging Face examples' spellings (run_image_classification_no_trainer.py and peers), accepted as ours.
 FLAG_ALIASES = {
     "dataset": ("--dataset_name",),
@@ -413,6 +421,26 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         raise UserError(f"recipe setting {name}: {value!r} is not a valid {kind.__name__}{hint}") from None
 
 
+def _settings_file(name_or_path: str, replay: bool) -> dict[str, Any]:
+    """A recipe's settings, typed; with ``--config`` also a finished run's ``train_config.json`` (or its folder),
+    less what the run derived and what only steered that run (where to resume from, whether to push)."""
+    from cifar_accel.recipes import load_recipe
+
+    path = os.path.join(name_or_path, RUN_CONFIG_FILE) if replay and os.path.isdir(name_or_path) else name_or_path
+    if replay and not os.path.isfile(path):
+        raise UserError(f"--config {name_or_path}: no such file; give a run folder, its {RUN_CONFIG_FILE} or a recipe")
+    settings = load_recipe(path)
+    if replay and "environment" in settings:  # a run's record, not a recipe
+        settings = {name: value for name, value in settings.items() if name not in RUN_RECORD_ONLY}
+        settings.update(NOT_REPLAYED)
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(settings) - set(hints))
+    if unknown:
+        source = f"--config {name_or_path}" if replay else f"recipe {name_or_path!r}"
+        raise UserError(f"{source} sets unknown settings: {', '.join(unknown)}")
+    return {name: _coerce(name, value, hints[name]) for name, value in settings.items()}
+
+
 def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Defaults, then the recipe's settings, then the flags given explicitly: later wins.
 
@@ -426,21 +454,20 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     )
     add_dataclass_arguments(parser, TrainConfig)
     parser.add_argument(
+        "--config", metavar="PATH", help="a run folder or its train_config.json (replays that run), or a recipe file"
+    )
+    parser.add_argument(
         "--with_tracking", action="store_true", help="the Hugging Face examples' flag: --report_to all, unless given"
     )
     explicit = vars(parser.parse_args(argv))
     if explicit.pop("with_tracking", False):
         explicit.setdefault("report_to", "all")
+    config_file = explicit.pop("config", None)
+    if config_file and explicit.get("recipe"):
+        raise UserError("--config and --recipe both set the starting settings; give one (flags override either)")
     settings: dict[str, Any] = {}
-    if explicit.get("recipe"):
-        from cifar_accel.recipes import load_recipe
-
-        hints = typing.get_type_hints(TrainConfig)
-        recipe = load_recipe(explicit["recipe"])
-        unknown = sorted(set(recipe) - set(hints))
-        if unknown:
-            raise UserError(f"recipe {explicit['recipe']!r} sets unknown settings: {', '.join(unknown)}")
-        settings = {name: _coerce(name, value, hints[name]) for name, value in recipe.items()}
+    if config_file or explicit.get("recipe"):
+        settings = _settings_file(config_file or explicit["recipe"], replay=bool(config_file))
     settings.update(explicit)
     if settings.get("resume_from_checkpoint"):
         from cifar_accel.checkpoint import resume_settings

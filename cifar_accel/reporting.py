@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from cifar_accel.config import RUN_CONFIG_FILE
 from cifar_accel.errors import UserError
 from cifar_accel.files import FolderLock, remove_tree, write_json, write_text
 from cifar_accel.hub import default_dataset_id
@@ -145,7 +146,7 @@ class RunFolder:
         self.lock.release()
 
     def save_config(self, resolved: dict) -> None:
-        write_json(self.path / "train_config.json", resolved)
+        write_json(self.path / RUN_CONFIG_FILE, resolved)
 
     def save_metrics(self, records: list[dict]) -> None:
         """All epochs so far, as JSON lines and as a spreadsheet-friendly CSV. Rewriting the whole (small)

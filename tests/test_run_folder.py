@@ -209,3 +209,35 @@ def test_a_resume_follows_its_data_to_another_path_and_refuses_other_data(finish
     replace_column_values(moved, "train", "label", {0: 1})  # the same path, other examples
     with pytest.raises(UserError, match=f"--dataset {moved} does not hold the examples checkpoint .* was trained on"):
         engine.train(parse_train_args([*resume, str(moved)]))
+
+
+def test_a_finished_run_is_replayed_exactly_from_its_folder(finished_run, tmp_path):
+    replayed = tmp_path / "replayed"
+    config = parse_train_args(["--config", str(finished_run), "--output_dir", str(replayed)])
+    engine.train(config)
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (replayed / "metrics.jsonl").read_text().splitlines()]
+    timings = ("seconds", "train_seconds", "data_wait_seconds", "compute_seconds", "eval_seconds", "images_per_second")
+    assert [{k: v for k, v in r.items() if k not in timings} for r in again] == [
+        {k: v for k, v in r.items() if k not in timings} for r in metrics
+    ]
+    assert (replayed / "best" / "model.safetensors").read_bytes() == (
+        finished_run / "best" / "model.safetensors"
+    ).read_bytes()
+    # Flags still override what the file holds; the recorded run's folder is refused, not overwritten.
+    assert parse_train_args(["--config", str(finished_run / "train_config.json"), "--epochs", "2"]).epochs == 2
+    with pytest.raises(UserError, match="already holds a run"):
+        engine.train(parse_train_args(["--config", str(finished_run)]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--config", "/no/such/run"], "--config /no/such/run: no such file; give a run folder"),
+        (["--config", "airbench94"], "--config airbench94: no such file"),
+        (["--config", "{run}", "--recipe", "airbench94"], "--config and --recipe both set the starting settings"),
+    ],
+)
+def test_a_config_that_cannot_be_replayed_is_refused_in_one_line(finished_run, argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_train_args([arg.format(run=finished_run) for arg in argv])
