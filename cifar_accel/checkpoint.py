@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cifar_accel.config import SCHEDULER_ALIASES
-from cifar_accel.errors import StoppedBySignal, UserError
+from cifar_accel.errors import STOP_SIGNALS, StoppedBySignal, UserError
 from cifar_accel.files import as_os_error, write_json
 from cifar_accel.saved_model import on_cpu
 
@@ -322,7 +322,8 @@ def _launch_flags(num_processes: int) -> list[str]:
 
 
 class StopRequest:
-    """SIGINT and SIGTERM stop the run in a state it can continue from, exiting 128 + the signal.
+    """SIGINT, SIGTERM and SIGUSR1 (the warning SLURM's ``--signal=USR1@SECONDS`` sends before a job's time
+    runs out) stop the run in a state it can continue from, exiting 128 + the signal.
 
     While ``stop_at_once`` is in force (loading data, pushing: nothing to save), a signal raises
     ``StoppedBySignal`` carrying what to do next. Otherwise it is only noted: the training loop
@@ -331,7 +332,7 @@ class StopRequest:
     written; SIGKILL still stops at once, and then the previous checkpoint is the one to resume.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signal_number = 0

@@ -2,7 +2,7 @@
 
 Every entry point turns a ``UserError`` into one line on stderr and exit status 2, what the
 operating system refused (a full disk, a read-only folder) into one line and exit status 74,
-and a run stopped by SIGINT/SIGTERM into exit status 130/143. No message shows a secret.
+and a run stopped by SIGINT/SIGTERM/SIGUSR1 into exit status 130/143/138. No message shows a secret.
 Heavy imports happen inside the commands so that ``--help`` stays fast.
 """
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from cifar_accel.augment import DecodedImages, erase_colour
 from cifar_accel.config import TrainConfig
-from cifar_accel.errors import UserError
+from cifar_accel.errors import STOP_SIGNALS, UserError
 from cifar_accel.files import describe_os_error, write_atomically
 from cifar_accel.hub import looks_like_local_path
 from cifar_accel.images import DECODING_VERSION, open_image, to_rgb
@@ -365,10 +365,10 @@ def make_dataloader(
 
 
 def _leave_signals_to_the_main_process(worker_id: int) -> None:
-    """Ctrl-C and SIGTERM often reach a whole process group; a worker they killed would make the
+    """Ctrl-C, SIGTERM and SLURM's SIGUSR1 often reach a whole process group; a worker they killed would make the
     main process fail before it could save a checkpoint. Workers exit when the main process is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 class BatchCollator:

@@ -4,6 +4,8 @@ import signal
 
 EXIT_USER_ERROR = 2  # bad input: nothing was written or changed
 EXIT_SYSTEM_REFUSED = 74  # the operating system refused a write (disk full, read-only...): BSD's EX_IOERR
+# The signals that stop a run with a checkpoint: Ctrl-C, kill, and SLURM's --signal=USR1@SECONDS warning.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
 
 class UserError(ValueError):
@@ -15,7 +17,7 @@ class UserError(ValueError):
 
 
 class StoppedBySignal(Exception):
-    """SIGINT or SIGTERM stopped the run; exit with ``exit_code`` (128 + the signal's number).
+    """SIGINT, SIGTERM or SIGUSR1 stopped the run; exit with ``exit_code`` (128 + the signal's number).
 
     ``message``, when given, is what the user should do next; otherwise the run already printed it.
     """

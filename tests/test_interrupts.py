@@ -58,7 +58,8 @@ def signal_on_call(monkeypatch, owner, name: str, signal_number: int) -> None:
 RESUMABLE_PHASES = {
     "the epoch's evaluation": ((engine, "evaluate"), signal.SIGTERM, "after epoch 1"),
     "the final evaluation": ((engine, "score_predictions"), signal.SIGINT, "during the final evaluation"),
-    "the reports": ((RunFolder, "save_reports"), signal.SIGTERM, "while writing the reports"),
+    # SLURM's warning before a job's time runs out
+    "the reports": ((RunFolder, "save_reports"), signal.SIGUSR1, "while writing the reports"),
 }  # the training steps themselves: test_resume.py, by SIGINT and SIGTERM from outside
 
 
