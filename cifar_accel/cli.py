@@ -71,6 +71,7 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default="uoft-cs/cifar10", help="Hub id, local copy or image folder")
+    parser.add_argument("--dataset_config", default=None, help="the dataset's config, for one with several")
     parser.add_argument("--image_column", default=None, help="image column (default: detect 'img' or 'image')")
     parser.add_argument("--label_column", default=None, help="label column (default: detect 'label' or 'fine_label')")
     parser.add_argument("--batch_size", type=_whole_number(1, 2**31), default=1024, help="examples per step")
@@ -105,8 +106,9 @@ def evaluate_main(argv: list[str] | None = None) -> None:
 
         model = load_model(args.model, args.revision)
         data = load_evaluation_data(
-            args.dataset, args.split, args.max_eval_samples, args.image_column, args.label_column, model.config
-        )
+            args.dataset, args.split, args.max_eval_samples, args.image_column, args.label_column, model.config,
+            args.dataset_config,
+        )  # fmt: skip
         loader = make_dataloader(
             data.evaluation, data, train=False, batch_size=args.batch_size, num_workers=args.num_workers
         )
@@ -136,6 +138,7 @@ def loader_speed_main(argv: list[str] | None = None) -> None:
 
         config = TrainConfig(
             dataset=args.dataset,
+            dataset_config=args.dataset_config,
             image_column=args.image_column,
             label_column=args.label_column,
             max_train_samples=args.max_train_samples,

@@ -80,6 +80,7 @@ class TrainConfig:
     recipe: str | None = _option(None, "named recipe (see 'cifar-accel recipes') or a YAML file; flags override it")
     # Data
     dataset: str = _option("uoft-cs/cifar10", "Hub dataset id, local copy in the Hub layout, or image folder")
+    dataset_config: str | None = _option(None, "the dataset's config, for one with several (SVHN: cropped_digits)")
     image_column: str | None = _option(None, "image column (default: detect 'img' or 'image')")
     label_column: str | None = _option(None, "label column (default: detect 'label' or 'fine_label')")
     train_split: str = _option("train", "split to train on")
@@ -333,13 +334,14 @@ RUN_CONFIG_FILE = "train_config.json"
 # What train_config.json records beside the settings (engine.resolved_settings): derived, not replayed.
 RUN_RECORD_ONLY = (
     "base_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples", "selection_split",
-    "class_names", "mean", "std", "environment",
+    "dataset_fingerprint", "class_names", "mean", "std", "environment",
 )  # fmt: skip
 # Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
 NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}
 # The Hugging Face examples' spellings (run_image_classification_no_trainer.py and peers), accepted as ours.
 FLAG_ALIASES = {
     "dataset": ("--dataset_name",),
+    "dataset_config": ("--dataset_config_name",),
     "batch_size": ("--per_device_train_batch_size",),
     "eval_batch_size": ("--per_device_eval_batch_size",),
     "epochs": ("--num_train_epochs",),

@@ -7,6 +7,7 @@ torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -72,8 +73,27 @@ def _hub_is_reachable(timeout_seconds: float = 3.0) -> bool:
         return False
 
 
-def load_dataset_dict(name: str) -> DatasetDict:
-    """Open a Hub id, a local copy in the Hub layout, or a local image folder."""
+def _load(path: str, name: str, config_name: str | None) -> DatasetDict:
+    """``load_dataset``, with a dataset of several configs and an unknown config as one-line refusals."""
+    try:
+        return load_dataset(path, config_name)
+    except ValueError as error:
+        message = str(error)
+        if "Config name is missing" not in message and "BuilderConfig" not in message:
+            raise
+        configs = re.search(r"\[([^\]]*)\]", message)
+        choices = configs.group(1).replace("'", "") if configs else "see the dataset's card"
+        if config_name is None:
+            raise UserError(
+                f"dataset {name!r} has several configs; pick one with --dataset_config: {choices}"
+            ) from None
+        raise UserError(
+            f"--dataset_config {config_name!r} is not a config of {name!r}; choose one of: {choices}"
+        ) from None
+
+
+def load_dataset_dict(name: str, config_name: str | None = None) -> DatasetDict:
+    """Open a Hub id (with one of its configs), a local copy in the Hub layout, or a local image folder."""
     from huggingface_hub import constants
 
     from cifar_accel.redaction import redact, redact_log_records
@@ -83,7 +103,7 @@ def load_dataset_dict(name: str) -> DatasetDict:
     path = os.path.expanduser(name)
     if os.path.exists(path):
         try:
-            return load_dataset(path)
+            return _load(path, name, config_name)
         except (FileNotFoundError, ValueError) as error:
             raise UserError(f"cannot read a dataset from {name!r}: {str(error).splitlines()[0]}") from None
     if looks_like_local_path(name):  # not on disk, and not a Hub id
@@ -93,7 +113,7 @@ def load_dataset_dict(name: str) -> DatasetDict:
     if not offline and not _hub_is_reachable():
         raise UserError(HUB_UNREACHABLE.format(name=name))
     try:
-        return load_dataset(name)
+        return _load(name, name, config_name)
     except ConnectionError:
         raise UserError((NOT_CACHED if offline else HUB_UNREACHABLE).format(name=name)) from None
     except FileNotFoundError as error:  # DatasetNotFoundError is a FileNotFoundError
@@ -167,7 +187,7 @@ def compute_mean_std(images: torch.Tensor, max_images: int = 5000) -> tuple[list
 
 def load_data(config: TrainConfig) -> DataBundle:
     """Everything ``train`` needs from the dataset, validated with clear errors."""
-    splits = load_dataset_dict(config.dataset)
+    splits = load_dataset_dict(config.dataset, config.dataset_config)
     train = _get_split(splits, config.train_split)
     image_column = image_column_of(train, config.image_column)
     label_column = detect_column(train, config.label_column, LABEL_COLUMNS, "label")
@@ -217,10 +237,11 @@ def load_data(config: TrainConfig) -> DataBundle:
 
 
 def load_evaluation_data(
-    dataset: str, split: str, max_samples: int | None, image_column: str | None, label_column: str | None, saved: dict
-) -> DataBundle:
+    dataset: str, split: str, max_samples: int | None, image_column: str | None, label_column: str | None, saved: dict,
+    dataset_config: str | None = None,
+) -> DataBundle:  # fmt: skip
     """One split to evaluate a saved model on, normalised as the model was trained."""
-    examples = _get_split(load_dataset_dict(dataset), split)
+    examples = _get_split(load_dataset_dict(dataset, dataset_config), split)
     image_column = image_column_of(examples, image_column)
     label_column = detect_column(examples, label_column, LABEL_COLUMNS, "label")
     examples = _first(examples, max_samples, "--max_eval_samples")

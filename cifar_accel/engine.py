@@ -271,6 +271,8 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
         "num_train_examples": len(data.train),
         "num_eval_examples": len(data.evaluation),
         "selection_split": data.selection_split,
+        # The datasets library's hash of the training examples as used: another revision of the data differs.
+        "dataset_fingerprint": data.train._fingerprint,
         "image_column": data.image_column,
         "label_column": data.label_column,
         "class_names": data.class_names,

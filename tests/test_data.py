@@ -5,7 +5,7 @@ import torch
 from conftest import write_hub_layout
 
 from cifar_accel.augment import DecodedImages
-from cifar_accel.config import AUTO_AUGMENT, TrainConfig
+from cifar_accel.config import AUTO_AUGMENT, TrainConfig, parse_train_args
 from cifar_accel.data import decode_split, load_data, make_dataloader
 from cifar_accel.device_data import DeviceImageDataset
 from cifar_accel.errors import UserError
@@ -294,3 +294,21 @@ def test_evaluation_images_are_never_augmented(colour_data, policy):
         return torch.cat([images for images, _ in loader])
 
     assert torch.equal(evaluation_batches(auto_augment=policy, random_erasing=1.0), evaluation_batches())
+
+
+def test_a_dataset_with_several_configs_needs_one_and_lists_them(tmp_path):
+    """A Hub-layout repo whose card declares two configs, as SVHN's declares cropped_digits and full_numbers."""
+    for config_name, classes in (("colours", ["red", "green", "blue", "yellow"]), ("two", ["red", "green"])):
+        write_hub_layout(tmp_path / config_name, {"train": 16, "test": 8}, classes)
+    card = "".join(
+        f"- config_name: {name}\n  data_files:\n"
+        + "".join(f"  - split: {split}\n    path: {name}/data/{split}-*.parquet\n" for split in ("train", "test"))
+        for name in ("colours", "two")
+    )
+    (tmp_path / "README.md").write_text(f"---\nconfigs:\n{card}---\n")
+    with pytest.raises(UserError, match="has several configs; pick one with --dataset_config: colours, two$"):
+        load_data(TrainConfig(dataset=str(tmp_path)))
+    with pytest.raises(UserError, match="--dataset_config 'three' is not a config of .*; choose one of: colours, two"):
+        load_data(TrainConfig(dataset=str(tmp_path), dataset_config="three"))
+    data = load_data(parse_train_args(["--dataset", str(tmp_path), "--dataset_config_name", "two"]))
+    assert data.class_names == ["red", "green"] and len(data.train) == 16
