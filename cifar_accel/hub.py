@@ -13,6 +13,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
@@ -89,6 +90,11 @@ def hub_errors(
         yield
     except RevisionNotFoundError:
         raise refusal(f"{action}: {repo_id} has no revision {revision!r}") from None
+    except GatedRepoError:  # (a kind of RepositoryNotFoundError)
+        raise refusal(
+            f"{action}: {repo_id} is gated: accept its terms on the Hub ({endpoint}/{repo_id}) with the account "
+            "whose token is used"
+        ) from None
     except RepositoryNotFoundError:
         raise refusal(
             f"{action}: {repo_id} not found on {endpoint}, or it is private and the token cannot read it"

@@ -119,6 +119,11 @@ class StandInHub:
             repo = self._repos[repo_id]
             return {"private": repo["private"], "branches": sorted(repo["branches"])}
 
+    def gate(self, repo_id: str) -> None:
+        """Make a repo gated: only its owner reads it until others accept its terms (here, never)."""
+        with self._lock:
+            self._repos[repo_id]["gated"] = True
+
     def commits(self, repo_id: str, revision: str = "main") -> list[dict]:
         """Commits of ``revision``, oldest first: message, oid, files_added, files_deleted and the full tree."""
         with self._lock:
@@ -142,6 +147,9 @@ class StandInHub:
         if repo is None or (repo["private"] and user != repo_id.split("/")[0]):
             # Like the Hub: a private repo is indistinguishable from a missing one; 401 when anonymous, else 404.
             raise HubError(401 if user is None else 404, "Repository not found", code="RepoNotFound")
+        if repo.get("gated") and user != repo_id.split("/")[0]:
+            raise HubError(403, f"Access to model {repo_id} is restricted; visit its page to ask for access",
+                           code="GatedRepo")  # fmt: skip
         return repo
 
     def _writable_repo(self, headers, repo_id: str) -> dict:

@@ -200,6 +200,16 @@ def test_push_to_a_branch_of_a_private_repo(run_dir, hub, tmp_path):
     assert torch.equal(_logits_of(owner_copy), _logits_of(load_model(run_dir / "best")))
 
 
+def test_a_gated_repo_says_to_accept_its_terms(run_dir, hub, tmp_path):
+    push_run(run_dir, "alice/gated", token=ALICE)
+    hub.gate("alice/gated")
+    for token in (BOB, False):
+        with pytest.raises(UserError, match="alice/gated is gated: accept its terms on the Hub") as refused:
+            load_model("alice/gated", token=token, cache_dir=tmp_path)
+        assert "not found" not in str(refused.value)
+    assert load_model("alice/gated", token=ALICE, cache_dir=tmp_path) is not None  # its owner reads it
+
+
 def test_the_mixin_methods_push_and_load_the_same_format(hub, tmp_path):
     model = ImageClassifier("simple_cnn", 3, ["a", "b", "c"], [0.5] * 3, [0.25] * 3).eval()
     model.push_to_hub("alice/mixin", token=ALICE)
