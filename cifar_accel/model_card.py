@@ -148,6 +148,20 @@ def build_model_card(
     model_name = repo_id.split("/")[-1] if repo_id else f"{config['architecture']}-{dataset_name}"
     base = settings.get("base_model")  # with --init_from
     on_hub = base is not None and base["revision"] is not None
+    # Say what the number is: of the first n images only, and/or of the split that chose the epoch.
+    split = final["split"] if settings.get("max_eval_samples") is None else f"{final['split']}[:{final['n']}]"
+    chosen_on_it = results["selected_by"] == final["split"]
+    metric_name = "Top-1 accuracy" + (" (best epoch chosen on this split)" if chosen_on_it else "")
+    evaluation = EvalResult(
+        task_type="image-classification",
+        dataset_type=dataset_id,
+        dataset_name=dataset_id,
+        dataset_config=settings.get("dataset_config"),
+        dataset_split=split,
+        metric_type="accuracy",
+        metric_name=metric_name,
+        metric_value=final["top1"],
+    )
     card_data = ModelCardData(
         base_model=base["source"] if on_hub else None,  # the Hub links a fine-tune to the repo it started from
         library_name=LIBRARY_NAME,
@@ -157,17 +171,8 @@ def build_model_card(
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         model_name=model_name,
-        eval_results=[
-            EvalResult(
-                task_type="image-classification",
-                dataset_type=dataset_name,
-                dataset_name=dataset_name,
-                dataset_split=final["split"],
-                metric_type="accuracy",
-                metric_name="Top-1 accuracy",
-                metric_value=final["top1"],
-            )
-        ],
+        # The model-index names a Hub dataset; a local copy has none to name, so it gets no model-index.
+        eval_results=[evaluation] if dataset_id else None,
     )
     figures = [
         f"## {title}\n\n![{title}]({plots_folder}/{name})\n\n"
@@ -180,10 +185,14 @@ def build_model_card(
         if on_hub:
             where = f"`{base['source']}` at revision `{base['revision']}`"
         started_from = f" It started from {where}, a {base['num_classes']}-class model."
+    images = (
+        f"the first {final['n']:,} images" if settings.get("max_eval_samples") is not None else f"{final['n']:,} images"
+    )
+    chose = " (the split that chose the best epoch)" if chosen_on_it else ""
     body = (
         f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "
-        f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {final['n']:,} images of its "
-        f"`{final['split']}` split.{started_from}\n\n"
+        f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {images} of its "
+        f"`{final['split']}` split{chose}.{started_from}\n\n"
         f"{_results_section(results, dataset_name)}\n{''.join(figures)}{_training_section(settings, results)}\n"
         f"{_usage(repo_id or str(run_dir / 'best'))}"
     )

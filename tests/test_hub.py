@@ -2,6 +2,7 @@
 huggingface_hub's real HTTP client against a stand-in Hub on 127.0.0.1 (``tests/hub_server.py``)."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from cifar_accel import ImageClassifier, get_model, load_model
 from cifar_accel.errors import UserError
 from cifar_accel.hub import push_run
+from cifar_accel.model_card import build_model_card
 
 ALICE = "hf_alice_0123456789secret"  # distinctive, so a leak anywhere is found by a substring search
 BOB = "hf_bob_0123456789secret"
@@ -167,6 +169,10 @@ def test_push_commits_the_run_once_and_the_model_downloads_with_the_same_logits(
     assert card.data.datasets == ["uoft-cs/cifar10"] and card.data.license == "apache-2.0"
     [evaluation] = card.data.eval_results
     assert evaluation.metric_type == "accuracy" and evaluation.dataset_split == "test"
+    # No hold-out: the test split chose the epoch, and the metadata says so rather than overstate.
+    assert evaluation.metric_name == "Top-1 accuracy (best epoch chosen on this split)"
+    assert evaluation.dataset_type == evaluation.dataset_name == "uoft-cs/cifar10"
+    assert "`test` split (the split that chose the best epoch)." in card.text
     assert evaluation.metric_value == results["final_metrics"]["top1"]
     for expected in ("![Training curves](plots/curves.png)", '"alice/colours"', "| yellow |", "top-5 accuracy"):
         assert expected in card.text
@@ -308,3 +314,17 @@ def test_a_model_pushed_to_the_hub_is_fine_tuned_by_repo_id_and_the_card_names_i
     script = "from cifar_accel.config import parse_train_args as p; print(p(['--init_from', 'alice/colours']).model)"
     result = run_command([sys.executable, "-c", script], env=_hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "simple_cnn", result.stderr[-3000:]
+
+
+def test_a_card_of_part_of_a_split_says_so_in_its_metadata_and_headline(run_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    settings = json.loads((partial / "train_config.json").read_text())
+    (partial / "train_config.json").write_text(json.dumps({**settings, "max_eval_samples": 50}))
+    results = json.loads((partial / "results.json").read_text())
+    results["final_metrics"]["n"] = 50
+    (partial / "results.json").write_text(json.dumps(results))
+    card = ModelCard(str(build_model_card(partial, "alice/colours", "uoft-cs/cifar10")))
+    [evaluation] = card.data.eval_results
+    assert evaluation.dataset_split == "test[:50]"
+    assert "top-1 on the first 50 images of its `test` split (the split that chose the best epoch)." in card.text

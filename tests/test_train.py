@@ -102,9 +102,10 @@ def test_run_folder_has_plots_and_a_model_card_matching_the_results(single_proce
     for name in ("curves.png", "confusion_matrix.png"):
         assert (single_process_run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = ModelCard.load(single_process_run / "best" / "README.md")
-    [evaluation] = card.data.eval_results
-    assert evaluation.metric_value == _results(single_process_run)["final_metrics"]["top1"]
-    assert (evaluation.dataset_split, card.data.library_name) == ("test", "cifar-accel")
+    final = _results(single_process_run)["final_metrics"]
+    assert card.data.eval_results is None and card.data.library_name == "cifar-accel"  # a local copy: no Hub dataset
+    # A validation hold-out chose the epoch, so the test figure is not the one that chose: no caveat.
+    assert f"{final['top1']:.2%} top-1 on {final['n']} images of its `test` split." in card.text
     assert "![Training curves](../plots/curves.png)" in card.text
     assert "![Confusion matrix](../plots/confusion_matrix.png)" in card.text
 
