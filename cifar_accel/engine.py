@@ -67,6 +67,7 @@ from cifar_accel.hub import push_run
 from cifar_accel.loop import (
     DataWaitClock,
     NonFiniteLossWatch,
+    RunLengthForecast,
     evaluate,
     first_batches,
     peak_memory_megabytes,
@@ -188,6 +189,7 @@ class Run:
     base_model: dict | None = None  # with --init_from: where the starting weights came from
     ema: ModelEma | None = None  # with --model_ema
     mixing: BatchMixing | None = None  # with --mixup or --cutmix
+    forecast: RunLengthForecast | None = None  # set when training starts
 
     @property
     def weight_averages(self) -> list:
@@ -462,6 +464,7 @@ def start_records(run: Run) -> None:
         accelerator.print(
             f"resuming from {run.resume_from}: epoch {run.progress.epoch}, step {run.progress.step_in_epoch}"
         )
+    run.forecast = RunLengthForecast(run.total_steps, run.progress.global_step, accelerator.device)
 
 
 def progress_bar(run: Run) -> tqdm:
@@ -504,6 +507,8 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
         progress.global_step += 1
         run.watch.observe(loss, progress.global_step)
         bar.update(1)
+        if forecast := run.forecast.note(progress.global_step):
+            accelerator.print(forecast)
         # Every 20 steps the host reads values back (the loop's only waits for the device): the loss for the
         # progress bar, the non-finite check and, across GPUs, whether any process was asked to stop.
         every_twentieth = progress.step_in_epoch % 20 == 0

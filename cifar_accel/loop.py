@@ -128,6 +128,33 @@ class NonFiniteLossWatch:
             )
 
 
+class RunLengthForecast:
+    """One line, once, when the first steps show that the run will take hours on the CPU: the usual surprise
+    of a first run without a GPU. (On a GPU the host runs ahead of the device, so its step times mean little.)"""
+
+    CPU_COMMAND = "python train.py --recipe airbench94"  # README "On a CPU": 90.10% in about 30 min on 2 cores
+
+    def __init__(self, total_steps: int, first_step: int, device: torch.device, after_steps: int = 5,
+                 hours: float = 2.0):  # fmt: skip
+        self.total_steps, self.first_step, self.after_steps, self.hours = total_steps, first_step, after_steps, hours
+        self.pending = device.type == "cpu" and total_steps - first_step > after_steps
+        self.started = time.perf_counter()
+
+    def note(self, step: int) -> str | None:
+        """After the first steps of this process: the line to print if the rest will take hours, else None."""
+        if not self.pending or step - self.first_step < self.after_steps:
+            return None
+        self.pending = False
+        per_step = (time.perf_counter() - self.started) / (step - self.first_step)
+        hours = per_step * (self.total_steps - step) / 3600
+        if hours < self.hours:
+            return None
+        return (
+            f"note: at {per_step:.1f} s a step, the {self.total_steps - step} steps left take about {hours:.0f} hours "
+            f"on this CPU; for a useful model in under an hour, try: {self.CPU_COMMAND} (README: On a CPU)"
+        )
+
+
 class DataWaitClock:
     """Host seconds the loop stood waiting for its next training batch; the rest of an epoch is compute.
 

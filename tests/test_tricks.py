@@ -3,6 +3,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from cifar_accel import loop
 from cifar_accel.loop import train_steps
 from cifar_accel.models import get_model
 from cifar_accel.tricks import Lookahead, ModelEma, tta_logits
@@ -113,3 +114,19 @@ def test_max_grad_norm_clips_the_update():
     steps = train_steps(layer, batches, [optimizer], [], nn.MSELoss(), accelerator, totals, max_grad_norm=0.5)
     list(steps)
     assert layer.weight.norm().item() == pytest.approx(0.5)  # the gradient's norm is 10^5 before clipping
+
+
+def test_a_run_that_will_take_hours_on_the_cpu_says_so_once_after_its_first_steps(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    forecast = loop.RunLengthForecast(total_steps=1005, first_step=0, device=torch.device("cpu"))
+    assert [forecast.note(step) for step in range(1, 5)] == [None] * 4
+    now[0] = 50.0  # 5 steps in 50 s: 10 s a step
+    line = forecast.note(5)
+    assert line.startswith("note: at 10.0 s a step, the 1000 steps left take about 3 hours on this CPU")
+    assert "python train.py --recipe airbench94" in line and forecast.note(6) is None
+    now[0] = 0.0
+    quick = loop.RunLengthForecast(total_steps=100, first_step=0, device=torch.device("cpu"))
+    now[0] = 50.0
+    assert quick.note(5) is None  # 95 steps of 10 s: under the hours that call for a note
+    assert loop.RunLengthForecast(10**6, 0, torch.device("meta")).note(5) is None  # not a CPU: no note
