@@ -34,6 +34,8 @@ IMAGE_SIDE = 32
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (lambda value: 0 < value <= 10**6, "more than 0 and at most a million"),
     "eval_epochs": (lambda value: value >= 1, "at least 1"),
+    "max_train_steps": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
+    "num_warmup_steps": (lambda value: 0 <= value <= 2**31, "0 to 2^31"),
     "batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
     "eval_batch_size": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
     "gradient_accumulation_steps": (lambda value: 1 <= value <= 2**31, "1 to 2^31"),
@@ -115,6 +117,7 @@ class TrainConfig:
     model_args: dict[str, Any] = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
     # Optimisation
     epochs: float = _option(24, "passes over the training set; a fraction stops the last one early (9.9)")
+    max_train_steps: int | None = _option(None, "train this many optimizer updates instead of --epochs")
     batch_size: int = _option(512, "examples per device per step; global batch = this x processes x accumulation")
     eval_batch_size: int = _option(1024, "examples per device per evaluation step")
     learning_rate: float = _option(0.4, "peak learning rate")
@@ -130,6 +133,7 @@ class TrainConfig:
         (*SCHEDULERS, *SCHEDULER_ALIASES),
     )
     warmup_fraction: float = _option(0.2, "fraction of training spent in linear warm-up")
+    num_warmup_steps: int | None = _option(None, "optimizer updates of linear warm-up (instead of --warmup_fraction)")
     warmup_start_fraction: float = _option(0.0, "warm-up starts at this fraction of the peak learning rate")
     final_lr_fraction: float = _option(0.0, "linear/cosine: decay to this fraction of the peak instead of zero")
     milestones: list[float] = _option([0.5, 0.75], "multistep: fractions of training where lr is multiplied by gamma")

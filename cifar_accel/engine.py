@@ -75,7 +75,7 @@ from cifar_accel.loop import (
     train_steps,
 )
 from cifar_accel.models import get_model
-from cifar_accel.optim import build_optimizers, build_scheduler, total_updates
+from cifar_accel.optim import build_optimizers, build_scheduler, epochs_for_updates, total_updates
 from cifar_accel.reporting import (
     REPLACED_RUN,
     RunFolder,
@@ -363,6 +363,8 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     # This process's updates, now that prepare() has sharded the loader. The prepared scheduler steps once per
     # process at each update, so it counts them for all processes.
     updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    if config.max_train_steps:  # now that an epoch's updates are known: the epochs that make that many
+        config = dataclasses.replace(config, epochs=epochs_for_updates(config.max_train_steps, updates_per_epoch))
     process_updates = total_updates(config, updates_per_epoch)
     schedulers = [
         accelerator.prepare(build_scheduler(optimizer, config, updates_per_epoch, accelerator.num_processes))

@@ -149,6 +149,14 @@ def _warmup(step: int, warmup_steps: int, start: float) -> float:
     return start + (1 - start) * step / warmup_steps
 
 
+def epochs_for_updates(updates: int, updates_per_epoch: int) -> float:
+    """``--max_train_steps`` as a (fractional) number of epochs whose ``total_updates`` is exactly ``updates``."""
+    epochs = updates / updates_per_epoch
+    while math.ceil(updates_per_epoch * epochs) > updates:  # 10 / 3 * 3 is 10.000000000000002
+        epochs = math.nextafter(epochs, 0)
+    return int(epochs) if float(epochs).is_integer() else epochs
+
+
 def total_updates(config, updates_per_epoch: int) -> int:
     """Optimizer updates in the run; a fractional ``epochs`` rounds up, as airbench counts its 9.9 epochs."""
     return math.ceil(updates_per_epoch * config.epochs)
@@ -161,6 +169,8 @@ def lr_multiplier(config, total_steps: int) -> Callable[[int], float]:
     is airbench94's triangle: 0.2 of the peak at the first step, the peak at 23%, 0.07 at the end.
     """
     warmup_steps = round(config.warmup_fraction * total_steps)
+    if config.num_warmup_steps is not None:  # the Hugging Face examples' way: a count, over the fraction
+        warmup_steps = min(config.num_warmup_steps, total_steps)
     decay = {"linear": _linear, "cosine": _cosine, "constant": _constant}.get(config.scheduler)
     if config.scheduler == "multistep":
         decay = _multistep(config.milestones, config.gamma)

@@ -95,6 +95,8 @@ def test_flags_are_parsed_into_typed_fields():
         (["--cutmix", "inf"], "--cutmix must be 0 \\(off\\) or a positive finite alpha, got inf"),
         (["--model_ema", "1"], "--model_ema must be 0 \\(off\\) or a decay in \\(0, 1\\), got 1$"),
         (["--max_grad_norm", "0"], "--max_grad_norm must be a positive finite number, got 0$"),
+        (["--max_train_steps", "0"], "--max_train_steps must be 1 to 2\\^31, got 0$"),
+        (["--num_warmup_steps", "-1"], "--num_warmup_steps must be 0 to 2\\^31, got -1$"),
         (["--max_grad_norm", "nan"], "--max_grad_norm must be a positive finite number, got nan"),
         (["--model_args", '{"widths": 5}'], "model 'resnet9' does not take widths"),
         (["--model", "bn_cnn", "--model_args", '{"conv_dropout": 2}'], "--model_args .*bn_cnn cannot be built"),

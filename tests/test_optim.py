@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cifar_accel.config import TrainConfig
-from cifar_accel.optim import build_optimizers, build_scheduler
+from cifar_accel.optim import build_optimizers, build_scheduler, epochs_for_updates, total_updates
 
 
 def _learning_rates(config: TrainConfig, total_steps: int = 100) -> list[float]:
@@ -26,6 +26,17 @@ def test_linear_warms_up_linearly_to_the_peak_then_decays_to_zero():
     assert rates[-1] == pytest.approx(0.4 / 80, rel=0.01)
     decay = rates[19:]
     assert decay == sorted(decay, reverse=True)
+
+
+def test_num_warmup_steps_counts_the_warm_up_in_updates_over_the_fraction():
+    rates = _learning_rates(TrainConfig(scheduler="linear", learning_rate=0.4, warmup_fraction=0.2, num_warmup_steps=5))
+    assert rates[:5] == pytest.approx([0.08, 0.16, 0.24, 0.32, 0.4]) and max(rates) == rates[4]
+
+
+@pytest.mark.parametrize(("updates", "per_epoch"), [(10, 3), (100, 10), (7, 48), (476, 48), (1, 5)])
+def test_max_train_steps_becomes_epochs_of_exactly_that_many_updates(updates, per_epoch):
+    epochs = epochs_for_updates(updates, per_epoch)
+    assert total_updates(TrainConfig(epochs=epochs), per_epoch) == updates
 
 
 def test_cosine_without_warm_up_starts_at_the_peak_and_halves_midway():

@@ -241,3 +241,12 @@ def test_a_finished_run_is_replayed_exactly_from_its_folder(finished_run, tmp_pa
 def test_a_config_that_cannot_be_replayed_is_refused_in_one_line(finished_run, argv, message):
     with pytest.raises(UserError, match=message):
         parse_train_args([arg.format(run=finished_run) for arg in argv])
+
+
+def test_max_train_steps_trains_that_many_updates_and_records_the_epochs_they_make(colour_dataset, tmp_path):
+    # 256 images in batches of 64: 4 updates an epoch, so 6 updates are an epoch and a half.
+    results = engine.train(parse_train_args(train_flags(colour_dataset, tmp_path / "run", "--max_train_steps", "6")))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["train_examples"] for record in records] == [256, 128]
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["epochs"] == 1.5
+    assert results["best_metrics"]["epoch"] == results["best_epoch"]
