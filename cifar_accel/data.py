@@ -104,6 +104,8 @@ def load_dataset_dict(name: str, config_name: str | None = None) -> DatasetDict:
     if os.path.exists(path):
         try:
             return _load(path, name, config_name)
+        except UserError:
+            raise
         except (FileNotFoundError, ValueError) as error:
             raise UserError(f"cannot read a dataset from {name!r}: {str(error).splitlines()[0]}") from None
     if looks_like_local_path(name):  # not on disk, and not a Hub id
