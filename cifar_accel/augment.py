@@ -166,21 +166,18 @@ class DecodedImages(AugmentedSplit):
 
     def __init__(
         self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        train: bool,
-        crop_padding: int = 4,
-        cutout: int = 0,
-        alternating_flip: bool = False,
-        seed: int = 0,
+        *split_and_draws,  # AugmentedSplit's: images, labels, train, crop_padding, cutout, alternating_flip, seed
         auto_augment: str | None = None,
         random_erasing: float = 0.0,
         erase_value: Sequence[int] = (0, 0, 0),
+        **draws,
     ):
-        super().__init__(images, labels, train, crop_padding, cutout, alternating_flip, seed)
-        self.policy = auto_augment_policy(auto_augment) if train else None
+        super().__init__(*split_and_draws, **draws)
+        self.policy = auto_augment_policy(auto_augment) if self.train else None
         # inplace=False: after an identity policy the image is still a view of the stored split.
-        self.erasing = v2.RandomErasing(p=random_erasing, value=list(erase_value)) if train and random_erasing else None
+        self.erasing = (
+            v2.RandomErasing(p=random_erasing, value=list(erase_value)) if self.train and random_erasing else None
+        )
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index]
