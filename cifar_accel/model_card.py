@@ -170,7 +170,7 @@ def build_model_card(
         tags=["image-classification", LIBRARY_NAME, config["architecture"]],
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
-        model_name=model_name,
+        model_name=model_name if dataset_id else None,  # only the model-index uses it
         # The model-index names a Hub dataset; a local copy has none to name, so it gets no model-index.
         eval_results=[evaluation] if dataset_id else None,
     )
