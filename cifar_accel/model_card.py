@@ -13,6 +13,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from cifar_accel.saved_model import read_model_config
 
 LIBRARY_NAME = "cifar-accel"
+# The last two are those huggingface_hub's PyTorchModelHubMixin gives the cards it writes, kept in ours.
+TAGS = ("image-classification", LIBRARY_NAME, "model_hub_mixin", "pytorch_model_hub_mixin")
 # The settings a reader needs to judge and repeat a run; the card links train_config.json for the rest.
 KEY_SETTINGS = (
     "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
@@ -51,7 +53,7 @@ def _card(card_data: ModelCardData, body: str) -> ModelCard:
 def minimal_model_card(config: dict, model_reference: str = "PATH_OR_REPO_ID") -> ModelCard:
     """The card of a model saved outside a training run: what it is and how to use it."""
     card_data = ModelCardData(
-        library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=["image-classification", LIBRARY_NAME]
+        library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=[*TAGS]
     )
     classes = ", ".join(config["class_names"])
     body = f"# {config['architecture']}\n\nClasses ({config['num_classes']}): {classes}.\n\n{_usage(model_reference)}"
@@ -167,7 +169,7 @@ def build_model_card(
         library_name=LIBRARY_NAME,
         pipeline_tag="image-classification",
         license=license,
-        tags=["image-classification", LIBRARY_NAME, config["architecture"]],
+        tags=[*TAGS, config["architecture"]],
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         model_name=model_name if dataset_id else None,  # only the model-index uses it

@@ -167,6 +167,7 @@ def test_push_commits_the_run_once_and_the_model_downloads_with_the_same_logits(
     results = json.loads((run_dir / "results.json").read_text())
     assert card.data.library_name == "cifar-accel" and card.data.pipeline_tag == "image-classification"
     assert card.data.datasets == ["uoft-cs/cifar10"] and card.data.license == "apache-2.0"
+    assert {"model_hub_mixin", "pytorch_model_hub_mixin", "cifar-accel", "simple_cnn"} <= set(card.data.tags)
     [evaluation] = card.data.eval_results
     assert evaluation.metric_type == "accuracy" and evaluation.dataset_split == "test"
     # No hold-out: the test split chose the epoch, and the metadata says so rather than overstate.
@@ -221,7 +222,8 @@ def test_the_mixin_methods_push_and_load_the_same_format(hub, tmp_path):
     model.push_to_hub("alice/mixin", token=ALICE)
     [commit] = hub.commits("alice/mixin")
     assert set(commit["files_added"]) == {"README.md", "config.json", "model.safetensors"}
-    assert ModelCard(commit["files_added"]["README.md"].decode()).data.library_name == "cifar-accel"
+    card = ModelCard(commit["files_added"]["README.md"].decode())
+    assert card.data.library_name == "cifar-accel" and "pytorch_model_hub_mixin" in card.data.tags
     loaded = ImageClassifier.from_pretrained("alice/mixin", cache_dir=tmp_path)
     assert torch.equal(_logits_of(loaded), _logits_of(model))
 
