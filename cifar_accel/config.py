@@ -435,7 +435,10 @@ def _settings_file(name_or_path: str, replay: bool) -> dict[str, Any]:
     path = os.path.join(name_or_path, RUN_CONFIG_FILE) if replay and os.path.isdir(name_or_path) else name_or_path
     if replay and not os.path.isfile(path):
         raise UserError(f"--config {name_or_path}: no such file; give a run folder, its {RUN_CONFIG_FILE} or a recipe")
-    settings = load_recipe(path)
+    try:
+        settings = load_recipe(path)
+    except UserError as error:  # its messages name a recipe
+        raise UserError(str(error).replace("recipe ", "--config ", 1) if replay else str(error)) from None
     if replay and "environment" in settings:  # a run's record, not a recipe
         settings = {name: value for name, value in settings.items() if name not in RUN_RECORD_ONLY}
         settings.update(NOT_REPLAYED)

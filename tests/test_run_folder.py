@@ -236,6 +236,8 @@ def test_a_finished_run_is_replayed_exactly_from_its_folder(finished_run, tmp_pa
         (["--config", "/no/such/run"], "--config /no/such/run: no such file; give a run folder"),
         (["--config", "airbench94"], "--config airbench94: no such file"),
         (["--config", "{run}", "--recipe", "airbench94"], "--config and --recipe both set the starting settings"),
+        (["--config", "{run}/metrics.jsonl"], "--config .*/metrics.jsonl sets unknown settings: compute_seconds"),
+        (["--config", "{run}/best/model.safetensors"], "--config '.*model.safetensors' is not valid YAML"),
     ],
 )
 def test_a_config_that_cannot_be_replayed_is_refused_in_one_line(finished_run, argv, message):
