@@ -189,7 +189,7 @@ class Run:
     base_model: dict | None = None  # with --init_from: where the starting weights came from
     ema: ModelEma | None = None  # with --model_ema
     mixing: BatchMixing | None = None  # with --mixup or --cutmix
-    forecast: RunLengthForecast | None = None  # set when training starts
+    forecast: RunLengthForecast | None = None  # set by build_run, once the run is restored
 
     @property
     def weight_averages(self) -> list:
@@ -385,6 +385,7 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     )  # fmt: skip
     if resume_from:
         restore_checkpoint(run)
+    run.forecast = RunLengthForecast(run.total_steps, run.progress.global_step, accelerator.device)
     stop.stop_at_once(None)  # from here a signal is answered with a checkpoint
     resuming, overwrite = bool(resume_from), config.overwrite_output_dir
     run.folder = on_main_process(accelerator, lambda: RunFolder(config.output_dir, resuming, overwrite))
@@ -466,7 +467,6 @@ def start_records(run: Run) -> None:
         accelerator.print(
             f"resuming from {run.resume_from}: epoch {run.progress.epoch}, step {run.progress.step_in_epoch}"
         )
-    run.forecast = RunLengthForecast(run.total_steps, run.progress.global_step, accelerator.device)
 
 
 def progress_bar(run: Run) -> tqdm:

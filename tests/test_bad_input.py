@@ -66,7 +66,7 @@ CASES = {
     "non-numeric learning rate": ("--learning_rate fast", "argument --learning_rate: 'fast' is not a number"),
     "non-positive learning rate": ("--learning_rate -0.1", "--learning_rate must be a positive finite number"),
     "non-positive batch size": ("--batch_size 0", "--batch_size must be 1 to 2^31, got 0"),
-    "non-numeric epochs": ("--epochs two", "argument --epochs: 'two' is not a number"),
+    "non-numeric epochs": ("--epochs two", "argument --epochs/--num_train_epochs: 'two' is not a number"),
     "too many training samples": ("--max_train_samples 1000", "--max_train_samples 1000 is larger than the split (256"),
     "missing local dataset": ("--dataset /no/such/cifar", "dataset path '/no/such/cifar' does not exist"),
     "dataset neither cached nor reachable": (
