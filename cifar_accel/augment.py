@@ -106,10 +106,62 @@ class AugmentedSplit(torch.utils.data.Dataset):
             self.draws = draws.to(self.labels.device)
 
 
+def shifted(image: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """``image`` moved ``shift`` pixels along ``dim`` (toward higher indices when positive), zeros coming in."""
+    out = torch.zeros_like(image)
+    size = image.shape[dim]
+    if abs(shift) < size:
+        kept = size - abs(shift)
+        out.narrow(dim, max(shift, 0), kept).copy_(image.narrow(dim, max(-shift, 0), kept))
+    return out
+
+
+class TensorRandAugment(v2.RandAugment):
+    """v2 ``RandAugment`` for one uint8 [C, H, W] tensor: the same draws from the global generator and the same
+    images (tested against v2's own), in less time per image. v2's ``forward`` searches its input for images
+    and makes each op's magnitude table afresh; here the input is known and the tables are made once per image
+    size. A translation (a whole number of pixels, nearest interpolation, filled with 0) is a slice copy rather
+    than an affine grid sample, about a tenth of the time on a 32x32 image."""
+
+    def __init__(self):
+        super().__init__()  # num_ops 2, magnitude 9 of 31 bins, nearest interpolation, fill 0: v2's defaults
+        self.names = tuple(self._AUGMENTATION_SPACE)
+        self.tables: dict[tuple[int, int], dict[str, float | None]] = {}
+
+    def _magnitudes(self, height: int, width: int) -> dict[str, float | None]:
+        if (height, width) not in self.tables:
+            bins = {
+                name: make(self.num_magnitude_bins, height, width)
+                for name, (make, _) in self._AUGMENTATION_SPACE.items()
+            }
+            self.tables[height, width] = {
+                name: None if magnitudes is None else float(magnitudes[self.magnitude])
+                for name, magnitudes in bins.items()
+            }
+        return self.tables[height, width]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        table = self._magnitudes(*image.shape[-2:])
+        for _ in range(self.num_ops):
+            name = self.names[int(torch.randint(len(self.names), ()))]  # as v2 draws: the op, then maybe the sign
+            magnitude = table[name]
+            if magnitude is None:
+                magnitude = 0.0
+            elif self._AUGMENTATION_SPACE[name][1] and torch.rand(()) <= 0.5:
+                magnitude = -magnitude
+            if name in ("TranslateX", "TranslateY"):
+                image = shifted(image, int(magnitude), dim=-1 if name == "TranslateX" else -2)
+            else:
+                image = self._apply_image_or_video_transform(
+                    image, name, magnitude, interpolation=self.interpolation, fill=self._fill
+                )
+        return image
+
+
 # The policies of ``--auto_augment``, each built afresh for a loader.
 AUTO_AUGMENT_POLICIES: dict[str, Callable[[], v2.Transform]] = {
     "cifar10": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
-    "randaugment": v2.RandAugment,
+    "randaugment": TensorRandAugment,
     "trivialaugment": v2.TrivialAugmentWide,
     "augmix": v2.AugMix,
 }

@@ -52,9 +52,7 @@ def _card(card_data: ModelCardData, body: str) -> ModelCard:
 
 def minimal_model_card(config: dict, model_reference: str = "PATH_OR_REPO_ID") -> ModelCard:
     """The card of a model saved outside a training run: what it is and how to use it."""
-    card_data = ModelCardData(
-        library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=[*TAGS]
-    )
+    card_data = ModelCardData(library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=[*TAGS])
     classes = ", ".join(config["class_names"])
     body = f"# {config['architecture']}\n\nClasses ({config['num_classes']}): {classes}.\n\n{_usage(model_reference)}"
     return _card(card_data, body)
