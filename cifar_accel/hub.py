@@ -26,7 +26,7 @@ from cifar_accel.errors import UserError
 from cifar_accel.model_card import build_model_card
 from cifar_accel.models import get_model
 from cifar_accel.redaction import redact, redact_log_records
-from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
+from cifar_accel.saved_model import BEST_MODEL_FOLDER, CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
 
 # Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
 RUN_FILES_PUBLISHED = ("train_config.json", "metrics.jsonl", "summary.csv", "results.json")
@@ -154,8 +154,8 @@ def run_upload(run_dir: Path) -> dict[str, Path]:
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass --run_dir the --output_dir of a training run")
     files = {
-        WEIGHTS_NAME: run_dir / "best" / WEIGHTS_NAME,
-        CONFIG_NAME: run_dir / "best" / CONFIG_NAME,
+        WEIGHTS_NAME: run_dir / BEST_MODEL_FOLDER / WEIGHTS_NAME,
+        CONFIG_NAME: run_dir / BEST_MODEL_FOLDER / CONFIG_NAME,
         **{name: run_dir / name for name in RUN_FILES_PUBLISHED},
     }
     results = files["results.json"]
@@ -189,7 +189,7 @@ def push_run(
     run_dir = Path(run_dir)
     check_repo_id(repo_id)
     files = run_upload(run_dir)
-    config = check_saved_model(run_dir / "best")
+    config = check_saved_model(run_dir / BEST_MODEL_FOLDER)
     card = build_model_card(run_dir, repo_id, dataset_id or default_dataset_id(run_dir), license)
     token = resolve_token(token)
     operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode())]

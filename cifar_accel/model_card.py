@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from cifar_accel.saved_model import read_model_config
+from cifar_accel.saved_model import BEST_MODEL_FOLDER, read_model_config
 
 LIBRARY_NAME = "cifar-accel"
 # The last two are those huggingface_hub's PyTorchModelHubMixin gives the cards it writes, kept in ours.
@@ -142,14 +142,15 @@ def build_model_card(
     run_dir = Path(run_dir)
     settings = json.loads((run_dir / "train_config.json").read_text())
     results = json.loads((run_dir / "results.json").read_text())
-    config = read_model_config(run_dir / "best")
+    config = read_model_config(run_dir / BEST_MODEL_FOLDER)
     final = results["final_metrics"]
     dataset_name = dataset_id or Path(settings["dataset"]).name
     model_name = repo_id.split("/")[-1] if repo_id else f"{config['architecture']}-{dataset_name}"
     base = settings.get("base_model")  # with --init_from
     on_hub = base is not None and base["revision"] is not None
     # Say what the number is: of the first n images only, and/or of the split that chose the epoch.
-    split = final["split"] if settings.get("max_eval_samples") is None else f"{final['split']}[:{final['n']}]"
+    partial = settings.get("max_eval_samples") is not None
+    split = f"{final['split']}[:{final['n']}]" if partial else final["split"]
     chosen_on_it = results["selected_by"] == final["split"]
     metric_name = "Top-1 accuracy" + (" (best epoch chosen on this split)" if chosen_on_it else "")
     evaluation = EvalResult(
@@ -185,15 +186,13 @@ def build_model_card(
         if on_hub:
             where = f"`{base['source']}` at revision `{base['revision']}`"
         started_from = f" It started from {where}, a {base['num_classes']}-class model."
-    images = (
-        f"the first {final['n']:,} images" if settings.get("max_eval_samples") is not None else f"{final['n']:,} images"
-    )
+    images = f"the first {final['n']:,} images" if partial else f"{final['n']:,} images"
     chose = " (the split that chose the best epoch)" if chosen_on_it else ""
     body = (
         f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "
         f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {images} of its "
         f"`{final['split']}` split{chose}.{started_from}\n\n"
         f"{_results_section(results, dataset_name)}\n{''.join(figures)}{_training_section(settings, results)}\n"
-        f"{_usage(repo_id or str(run_dir / 'best'))}"
+        f"{_usage(repo_id or str(run_dir / BEST_MODEL_FOLDER))}"
     )
     return _card(card_data, body)

@@ -12,6 +12,7 @@ from cifar_accel.files import FolderLock, remove_tree, write_json, write_text
 from cifar_accel.hub import default_dataset_id
 from cifar_accel.model_card import build_model_card
 from cifar_accel.plots import plot_confusion_matrix, plot_training_curves
+from cifar_accel.saved_model import BEST_MODEL_FOLDER
 
 
 def selected_metric(record: dict, name: str) -> float:
@@ -39,7 +40,8 @@ def format_epoch_line(record: dict, epochs: float) -> str:
 
 TRACKER_FOLDER = "logs"
 RUN_FILES = (
-    "train_config.json", "metrics.jsonl", "summary.csv", "results.json", "plots", "best", TRACKER_FOLDER, "checkpoints"
+    RUN_CONFIG_FILE, "metrics.jsonl", "summary.csv", "results.json", "plots", BEST_MODEL_FOLDER, TRACKER_FOLDER,
+    "checkpoints",
 )  # fmt: skip
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
@@ -176,4 +178,4 @@ class RunFolder:
 
     @property
     def best_model_dir(self) -> Path:
-        return self.path / "best"
+        return self.path / BEST_MODEL_FOLDER

@@ -24,13 +24,14 @@ from cifar_accel.files import write_atomically, write_json
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 NOT_A_SAVED_MODEL = f"a saved model is a folder holding {WEIGHTS_NAME} and {CONFIG_NAME}"
+BEST_MODEL_FOLDER = "best"  # where a run folder keeps its saved model
 CONFIG_KEYS = ("architecture", "model_args", "num_classes", "class_names", "mean", "std", "input_size")
 
 
 def model_folder(folder: Path) -> Path:
     """The folder of a saved model: ``folder`` itself, or a run folder's ``best/``."""
-    if not (folder / CONFIG_NAME).is_file() and (folder / "best" / CONFIG_NAME).is_file():
-        return folder / "best"
+    if not (folder / CONFIG_NAME).is_file() and (folder / BEST_MODEL_FOLDER / CONFIG_NAME).is_file():
+        return folder / BEST_MODEL_FOLDER
     return folder
 
 
