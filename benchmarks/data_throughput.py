@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from cifar_accel.config import TrainConfig
-from cifar_accel.data import decode_split, load_data, make_dataloader, measure_loader_throughput
+from cifar_accel.data import load_data, make_dataloader, measure_loader_throughput
 from cifar_accel.device_data import make_device_dataloader
 
 TARGETS = {"(b) datasets + transforms.v2": 1.0, "(c) device loader, CPU": 10.0}
@@ -142,7 +142,7 @@ def main() -> None:
 
     data = load_data(TrainConfig(dataset=args.dataset))
     data.train = data.train.select(range(min(samples or len(data.train), len(data.train))))
-    images, labels = decode_split(data.train, data.image_column, data.label_column)
+    images, labels = data.decoded(data.train)
     images_hwc, labels = images.permute(0, 2, 3, 1).numpy(), labels.tolist()
     classic = ClassicCifar(images_hwc, labels, classic_transform(data.mean, data.std))
     start = time.perf_counter()

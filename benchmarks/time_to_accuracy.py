@@ -41,7 +41,7 @@ import datasets
 import torch
 
 from cifar_accel.config import TrainConfig, parse_train_args
-from cifar_accel.data import decode_split, load_data
+from cifar_accel.data import load_data
 from cifar_accel.engine import train
 from cifar_accel.recipes import list_recipes
 
@@ -65,7 +65,7 @@ def write_airbench_cache(config: TrainConfig, directory: Path) -> None:
     data = load_data(config)  # with our caps, so both sides see the same first N images
     (directory / "cifar10").mkdir(parents=True, exist_ok=True)
     for name, split in (("train", data.train), ("test", data.evaluation)):
-        images, labels = decode_split(split, data.image_column, data.label_column)
+        images, labels = data.decoded(split)
         payload = {"images": images.permute(0, 2, 3, 1).contiguous(), "labels": labels, "classes": data.class_names}
         torch.save(payload, directory / "cifar10" / f"{name}.pt")
 

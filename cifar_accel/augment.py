@@ -47,7 +47,7 @@ def cutout(images: torch.Tensor, centres: torch.Tensor, size: int) -> torch.Tens
 class AugmentationDraws:
     """Every training example's random choices for one epoch."""
 
-    offsets: torch.Tensor  # [N, 2] row and column of the 32x32 crop inside the padded image
+    offsets: torch.Tensor  # [N, 2] row and column of the image-sized crop inside the padded image
     flips: torch.Tensor  # [N] bool: mirror left-right
     cutout_centres: torch.Tensor  # [N, 2] row and column of the erased square's centre
 
@@ -55,7 +55,9 @@ class AugmentationDraws:
         return AugmentationDraws(self.offsets.to(device), self.flips.to(device), self.cutout_centres.to(device))
 
 
-def draw_augmentation(count: int, padding: int, seed: int, epoch: int, alternating_flip: bool) -> AugmentationDraws:
+def draw_augmentation(
+    count: int, padding: int, seed: int, epoch: int, alternating_flip: bool, side: int = 32
+) -> AugmentationDraws:
     """One epoch's crops, flips and cutout centres, drawn from ``(seed, epoch)`` alone.
 
     Nothing depends on which process, worker, batch or attempt fetches an example, so a run
@@ -69,7 +71,7 @@ def draw_augmentation(count: int, padding: int, seed: int, epoch: int, alternati
         # epochs every image is seen both ways (airbench's "alternating flip").
         first_half = torch.rand(count, generator=torch.Generator().manual_seed(seed)) < 0.5
         flips = first_half if epoch % 2 == 0 else ~first_half
-    cutout_centres = torch.randint(0, 32, (count, 2), generator=generator)
+    cutout_centres = torch.randint(0, side, (count, 2), generator=generator)
     return AugmentationDraws(offsets, flips, cutout_centres)
 
 
@@ -92,6 +94,7 @@ class AugmentedSplit(torch.utils.data.Dataset):
     ):
         self.train, self.cutout, self.alternating_flip, self.seed = train, cutout, alternating_flip, seed
         self.padding = crop_padding if train else 0
+        self.side = images.shape[-1]
         self.images = reflect_pad(images, self.padding) if self.padding else images
         self.labels = labels
         self.set_epoch(0)
@@ -102,7 +105,9 @@ class AugmentedSplit(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # with the seed and an example's index, it seeds that example's policy draws
         if self.train:
-            draws = draw_augmentation(len(self.labels), self.padding, self.seed, epoch, self.alternating_flip)
+            draws = draw_augmentation(
+                len(self.labels), self.padding, self.seed, epoch, self.alternating_flip, self.side
+            )
             self.draws = draws.to(self.labels.device)
 
 
@@ -239,7 +244,7 @@ class DecodedImages(AugmentedSplit):
 
     def _augment(self, image: torch.Tensor, index: int) -> torch.Tensor:
         top, left = self.draws.offsets[index].tolist()
-        image = v2.functional.crop(image, top, left, 32, 32)
+        image = v2.functional.crop(image, top, left, self.side, self.side)
         if self.draws.flips[index]:
             image = v2.functional.horizontal_flip(image)
         if self.policy is None and self.erasing is None:

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 
 from cifar_accel.errors import UserError
 from cifar_accel.hub import download_model_files, looks_like_local_path
-from cifar_accel.images import to_rgb
+from cifar_accel.images import resized, to_rgb
 from cifar_accel.models import get_model
 from cifar_accel.saved_model import (
     load_weights,
@@ -41,8 +41,8 @@ class ImageClassifier(
 ):
     """``forward`` takes preprocessed batches (as in training); ``predict`` takes raw images.
 
-    The constructor's arguments are ``config.json``'s keys (``input_size`` is recorded there: 3x32x32 for
-    every registered model).
+    The constructor's arguments are ``config.json``'s keys (``input_size``, 3 x side x side, is recorded there).
+    ``image_size``: the side of a model trained with ``--image_size``; its evaluation resizes images too.
     """
 
     def __init__(
@@ -53,13 +53,14 @@ class ImageClassifier(
         mean: list[float],
         std: list[float],
         model_args: dict | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
         if num_classes != len(class_names):
             raise UserError(f"{len(class_names)} class names given for {num_classes} classes")
         model_args = model_args or {}
         self.network = get_model(architecture, num_classes=num_classes, **model_args)
-        self.config = model_config(architecture, model_args, class_names, mean, std)
+        self.config = model_config(architecture, model_args, class_names, mean, std, image_size)
         self.preprocess = preprocessing(mean, std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -108,10 +109,7 @@ class ImageClassifier(
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
             raise UserError(f"an image must have 1 or 3 channels; got shape {tuple(tensor.shape)}")
         tensor = tensor.expand(3, -1, -1)
-        height, width = self.config["input_size"][1:]
-        if tuple(tensor.shape[1:]) != (height, width):
-            tensor = v2.functional.resize(tensor, [height, width], antialias=True)
-        return tensor
+        return resized(tensor, *self.config["input_size"][1:])
 
     # PyTorchModelHubMixin hooks: one file format and one loader for every entry point.
     def _save_pretrained(self, save_directory: Path) -> None:

@@ -157,7 +157,9 @@ def loader_speed_main(argv: list[str] | None = None) -> None:
 def predict_main(argv: list[str] | None = None) -> None:
     parser = OneLineErrorParser(prog="cifar-accel predict", description="Classify image files with a saved model.")
     _model_arguments(parser)
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; resized to 32x32)")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (any size; resized to the model's input size)"
+    )
     parser.add_argument("--top_k", type=int, default=5, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image instead of tables")
     args = _run(lambda: parser.parse_args(argv))

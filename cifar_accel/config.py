@@ -28,7 +28,7 @@ REPORT_TO = ("none", "tensorboard", "wandb", "mlflow", "all")
 EVAL_STRATEGIES = ("epoch", "no")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 AUTO_AUGMENT = ("cifar10", "randaugment", "trivialaugment", "augmix")
-IMAGE_SIDE = 32
+IMAGE_SIDE = 32  # without --image_size, images must have this side
 
 # setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -59,15 +59,17 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warmup_start_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
     "final_lr_fraction": (lambda value: 0 <= value <= 1, "in [0, 1]"),
     "tta_level": (lambda value: value in (0, 1, 2), "0, 1 or 2"),
-    # Reflect padding needs fewer pixels than the side; a square as large as the image erases all of it.
-    "crop_padding": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (less than the image side)"),
-    "cutout": (lambda value: 0 <= value < IMAGE_SIDE, f"0 to {IMAGE_SIDE - 1} (smaller than the image)"),
+    "image_size": (lambda value: 8 <= value <= 256, "8 to 256 pixels (small images)"),
     "random_erasing": (lambda value: 0 <= value <= 1, "a probability in [0, 1]"),
     "mixup": (lambda value: 0 <= value < math.inf, "0 (off) or a positive finite alpha"),
     "cutmix": (lambda value: 0 <= value < math.inf, "0 (off) or a positive finite alpha"),
     "model_ema": (lambda value: 0 <= value < 1, "0 (off) or a decay in (0, 1)"),
     "max_grad_norm": (lambda value: 0 < value < math.inf, "a positive finite number"),
 }
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -90,7 +92,8 @@ class TrainConfig:
     max_train_samples: int | None = _option(None, "use only the first N training examples")
     max_eval_samples: int | None = _option(None, "use only the first N evaluation examples")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
-    crop_padding: int = _option(4, "random crops of 32x32 from images reflect-padded by this many pixels (0: off)")
+    image_size: int | None = _option(None, "resize images of any other size to NxN on load (default: 32x32 only)")
+    crop_padding: int = _option(4, "random crops of NxN from images reflect-padded by this many pixels (0: off)")
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
     auto_augment: str | None = _option(
         None, "torch loader: a learned/random policy per training image (cifar10: AutoAugment's CIFAR-10 policy)",
@@ -199,6 +202,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not is_valid(value):
                 raise UserError(f"--{name} must be {valid}, got {value!r}")
+        # Reflect padding needs fewer pixels than the side; a square as large as the image erases all of it.
+        for name, valid in (("crop_padding", "less than the image side"), ("cutout", "smaller than the image")):
+            if not 0 <= getattr(self, name) < self.image_side:
+                raise UserError(f"--{name} must be 0 to {self.image_side - 1} ({valid}), got {getattr(self, name)!r}")
         increasing = all(earlier < later for earlier, later in itertools.pairwise(self.milestones))
         if any(not 0 < milestone < 1 for milestone in self.milestones) or not increasing:
             raise UserError(f"--milestones must be increasing fractions of training in (0, 1), got {self.milestones}")
@@ -280,14 +287,26 @@ class TrainConfig:
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
         try:
             with torch.device("meta"):
-                get_model(self.model, num_classes=10, **self.model_args)
+                model = get_model(self.model, num_classes=10, **self.model_args)
         except UserError as error:  # an argument the model does not take
             raise UserError(f"--model_args {json.dumps(self.model_args)}: {error}") from None
         except Exception as error:  # whatever the constructor raises for values it cannot take
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(
-                f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({reason})"
+                f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({_first_line(error)})"
             ) from None
+        if self.image_side != IMAGE_SIDE:  # shapes only, on the meta device: the head must fit what the body gives
+            try:
+                model.eval()(torch.zeros(2, 3, self.image_side, self.image_side, device="meta"))
+            except Exception as error:
+                side = self.image_side
+                raise UserError(
+                    f"--model {self.model} cannot take {side}x{side} images ({_first_line(error)}); "
+                    "the resnets take any --image_size"
+                ) from None
+
+    @property
+    def image_side(self) -> int:
+        return self.image_size or IMAGE_SIDE
 
     @property
     def epoch_count(self) -> int:

@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from cifar_accel.augment import DecodedImages, erase_colour
-from cifar_accel.config import TrainConfig
+from cifar_accel.config import IMAGE_SIDE, TrainConfig
 from cifar_accel.errors import STOP_SIGNALS, UserError
 from cifar_accel.files import describe_os_error, write_atomically
 from cifar_accel.hub import looks_like_local_path
-from cifar_accel.images import DECODING_VERSION, open_image, to_rgb
+from cifar_accel.images import DECODING_VERSION, open_image, resized, to_rgb
 from cifar_accel.saved_model import preprocessing
 
 IMAGE_COLUMNS = ("img", "image")
@@ -55,10 +55,15 @@ class DataBundle:
     class_names: list[str]
     mean: list[float]
     std: list[float]
+    resize_to: int | None = None  # --image_size: every image resized to this side on load
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def decoded(self, split: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """One of this bundle's splits as ``(images uint8 [N, 3, H, W], labels int64 [N])``."""
+        return decode_split(split, self.image_column, self.label_column, resize_to=self.resize_to)
 
 
 def _hub_is_reachable(timeout_seconds: float = 3.0) -> bool:
@@ -223,7 +228,7 @@ def load_data(config: TrainConfig) -> DataBundle:
     named_splits = [(train, config.train_split), (evaluation, selection_split)]
     if held_out_test is not None:
         named_splits.append((held_out_test, config.eval_split))
-    (train_images, _), *_ = decode_splits(named_splits, image_column, label_column)
+    (train_images, _), *_ = decode_splits(named_splits, image_column, label_column, config.image_size)
     mean, std = compute_mean_std(train_images)
     return DataBundle(
         train=train,
@@ -235,6 +240,7 @@ def load_data(config: TrainConfig) -> DataBundle:
         class_names=list(label_feature.names),
         mean=mean,
         std=std,
+        resize_to=config.image_size,
     )
 
 
@@ -261,6 +267,7 @@ def load_evaluation_data(
         class_names=saved["class_names"],
         mean=saved["mean"],
         std=saved["std"],
+        resize_to=saved.get("image_size"),  # absent from the configs of models saved before --image_size
     )
 
 
@@ -268,39 +275,44 @@ def cache_directory() -> Path:
     return Path(os.environ.get("CIFAR_ACCEL_CACHE", Path.home() / ".cache" / "cifar_accel"))
 
 
-def _decode(encoded: dict | None, where: str) -> np.ndarray:
+def _decode(encoded: dict | None, where: str, resize_to: int | None) -> torch.Tensor:
     if encoded is None or (encoded.get("bytes") is None and encoded.get("path") is None):
         raise UserError(f"{where} is missing (null); fix or drop that row")
     with open_image(encoded["bytes"] if encoded.get("bytes") is not None else encoded["path"], where) as image:
-        if image.size != (32, 32):  # from the header alone: a huge image is refused without decoding it
-            raise UserError(f"images must be 32x32 pixels; {where} is {image.width}x{image.height}")
-        return np.asarray(to_rgb(image, where))
+        if resize_to is None and image.size != (IMAGE_SIDE, IMAGE_SIDE):  # from the header: nothing decoded yet
+            raise UserError(
+                f"images must be {IMAGE_SIDE}x{IMAGE_SIDE} pixels; {where} is {image.width}x{image.height} "
+                "(--image_size N trains on every image resized to NxN)"
+            )
+        pixels = torch.from_numpy(np.asarray(to_rgb(image, where)).copy()).permute(2, 0, 1)
+    return pixels if resize_to is None else resized(pixels, resize_to, resize_to)
 
 
 def decode_split(
-    dataset: Dataset, image_column: str, label_column: str, split_name: str = ""
+    dataset: Dataset, image_column: str, label_column: str, split_name: str = "", resize_to: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images uint8 [N, 3, H, W], labels int64 [N])``, decoded once and then read from the cache."""
-    return decode_splits([(dataset, split_name)], image_column, label_column)[0]
+    return decode_splits([(dataset, split_name)], image_column, label_column, resize_to)[0]
 
 
 _UNCACHED: list[Path] = []  # cache files that could not be written; the note is printed once
 
 
 def decode_splits(
-    splits: list[tuple[Dataset, str]], image_column: str, label_column: str
+    splits: list[tuple[Dataset, str]], image_column: str, label_column: str, resize_to: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each ``(split, its name)`` decoded, every one before any is cached: a row refused in the last
     leaves no cache file of the first behind. The name is only for messages."""
     decoded, to_cache = [], []
+    resizing = f"-{resize_to}px" if resize_to else ""
     for dataset, split_name in splits:
         path = cache_directory() / (
-            f"{dataset._fingerprint}-{image_column}-{label_column}-rgb{DECODING_VERSION}.safetensors"
+            f"{dataset._fingerprint}-{image_column}-{label_column}-rgb{DECODING_VERSION}{resizing}.safetensors"
         )
         if path.is_file():
             tensors = load_file(str(path))
         else:
-            tensors = _decode_rows(dataset, image_column, label_column, split_name)
+            tensors = _decode_rows(dataset, image_column, label_column, split_name, resize_to)
             to_cache.append((path, tensors))
         decoded.append((tensors["images"], tensors["labels"]))
     for path, tensors in to_cache:
@@ -314,7 +326,9 @@ def decode_splits(
     return decoded
 
 
-def _decode_rows(dataset: Dataset, image_column: str, label_column: str, split_name: str) -> dict[str, torch.Tensor]:
+def _decode_rows(
+    dataset: Dataset, image_column: str, label_column: str, split_name: str, resize_to: int | None
+) -> dict[str, torch.Tensor]:
     raw = dataset.cast_column(image_column, Image(decode=False)).select_columns([image_column, label_column])
     # Rows are named as in the split the user has (before a shuffled hold-out or selection reordered them).
     source_rows = dataset._indices.column(0).to_numpy() if dataset._indices is not None else None
@@ -326,10 +340,10 @@ def _decode_rows(dataset: Dataset, image_column: str, label_column: str, split_n
             row = int(source_rows[index]) if source_rows is not None else index
             if label is None:
                 raise UserError(f"the label in row {row}{of_split} is missing (null); fix or drop that row")
-            images.append(_decode(encoded, f"the image in row {row}{of_split}"))
+            images.append(_decode(encoded, f"the image in row {row}{of_split}", resize_to))
             labels.append(label)
     return {
-        "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+        "images": torch.stack(images),
         "labels": torch.tensor(labels, dtype=torch.int64),
     }
 
@@ -339,7 +353,7 @@ def content_digest(data: DataBundle) -> str:
     and different data under the same path, are told apart."""
     digest = hashlib.sha256()
     for split in (data.train, data.evaluation):
-        images, labels = decode_split(split, data.image_column, data.label_column)
+        images, labels = data.decoded(split)
         digest.update(images.contiguous().numpy())
         digest.update(labels.contiguous().numpy())
     return digest.hexdigest()
@@ -367,7 +381,7 @@ def make_dataloader(
     batch; v2 ``RandomErasing``'s default fill of 0 would there mean black, not the 0 it gives after
     ``Normalize`` (where its documentation places it), so it fills with the training mean colour.
     """
-    images, labels = decode_split(dataset, data.image_column, data.label_column)
+    images, labels = data.decoded(dataset)
     split = DecodedImages(
         images, labels, train, crop_padding, cutout, alternating_flip, seed,
         auto_augment=auto_augment, random_erasing=random_erasing, erase_value=erase_colour(data.mean),
@@ -412,7 +426,7 @@ class BatchCollator:
 
 def first_images(dataset: Dataset, data: DataBundle, count: int) -> torch.Tensor:
     """The first ``count`` images of a split, normalised and not augmented (e.g. for whitening)."""
-    images, _ = decode_split(dataset, data.image_column, data.label_column)
+    images, _ = data.decoded(dataset)
     return BatchCollator(data.mean, data.std).normalize(images[:count])
 
 

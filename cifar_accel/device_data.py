@@ -20,7 +20,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 
 from cifar_accel.augment import AugmentedSplit, cutout
-from cifar_accel.data import DataBundle, decode_split
+from cifar_accel.data import DataBundle
 
 
 class DeviceImageDataset(AugmentedSplit):
@@ -114,7 +114,7 @@ def make_device_dataloader(
     drop_last: bool = False,
 ) -> DataLoader:
     """Same batches as ``make_dataloader`` (shuffled when training), served from device memory."""
-    images, labels = decode_split(dataset, data.image_column, data.label_column)
+    images, labels = data.decoded(dataset)
     device_dataset = DeviceImageDataset(
         images.to(device), labels.to(device), data.mean, data.std, train, cutout, alternating_flip, seed, channels_last,
         crop_padding,

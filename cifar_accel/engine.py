@@ -613,13 +613,22 @@ def save_best_model(run: Run) -> None:
     if run.folder:
         data = run.data
         saved_model_config = model_config(
-            run.config.model, run.config.model_args, data.class_names, data.mean, data.std
+            run.config.model, run.config.model_args, data.class_names, data.mean, data.std, run.config.image_size
         )
         save_model(
             run.accelerator.unwrap_model(run.model, keep_torch_compile=False),
             run.folder.best_model_dir,
             saved_model_config,
         )
+
+
+def inference_model(run: Run) -> nn.Module:
+    """The trained model for its last, timed evaluation: with BatchNorm folded into the convolutions where the
+    architecture offers it; as trained when compiled (a new module would be compiled again)."""
+    unwrapped = run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    if run.config.compile or not hasattr(unwrapped, "folded_for_inference"):
+        return run.model
+    return unwrapped.folded_for_inference()
 
 
 def finish_run(run: Run, stop: StopRequest) -> dict:
@@ -640,7 +649,8 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
             if data.test is None
             else accelerator.prepare(make_loader(config, data, data.test, accelerator))
         )
-        results["tta_metrics"] = evaluate(run.model, tta_loader, accelerator, config.tta_level)
+        with accelerator.autocast():  # the folded copy is not wrapped by prepare()
+            results["tta_metrics"] = evaluate(inference_model(run), tta_loader, accelerator, config.tta_level)
     results["tta_level"] = config.tta_level
     trained_time = time.perf_counter()  # evaluate() ends in a host sync: the device has finished
     # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader

@@ -30,6 +30,9 @@ An EXIF orientation is applied, as ``datasets`` does when it decodes an image. F
 more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` are refused before they are decoded (Pillow
 only warns up to twice that), and Pillow's warnings about files it still reads are not passed
 on: what the user must act on is a refusal, in one line.
+
+``resized`` is the one resize (bilinear, antialiased) that ``--image_size`` training, evaluation and
+``predict`` share.
 """
 
 import io
@@ -41,7 +44,9 @@ from contextlib import contextmanager
 from typing import IO
 
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
 
 from cifar_accel.errors import UserError
 
@@ -164,3 +169,10 @@ def _lab_to_rgb(image: Image.Image, where: str) -> Image.Image:
         ) from None
     transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
     return ImageCms.applyTransform(image, transform)
+
+
+def resized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A uint8 ``C x H x W`` image at ``height x width`` (itself when it already is): bilinear, antialiased."""
+    if tuple(image.shape[-2:]) == (height, width):
+        return image
+    return v2.functional.resize(image, [height, width], antialias=True)

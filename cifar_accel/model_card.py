@@ -17,8 +17,9 @@ LIBRARY_NAME = "cifar-accel"
 TAGS = ("image-classification", LIBRARY_NAME, "model_hub_mixin", "pytorch_model_hub_mixin")
 # The settings a reader needs to judge and repeat a run; the card links train_config.json for the rest.
 KEY_SETTINGS = (
-    "recipe", "model", "model_args", "epochs", "global_batch_size", "optimizer", "learning_rate", "weight_decay",
-    "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction", "label_smoothing",
+    "recipe", "model", "model_args", "image_size", "epochs", "global_batch_size", "optimizer", "learning_rate",
+    "weight_decay", "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction",
+    "label_smoothing",
     "crop_padding", "cutout", "auto_augment", "random_erasing", "mixup", "cutmix", "alternating_flip", "drop_last",
     "lookahead", "model_ema", "max_grad_norm", "mixed_precision", "eval_strategy", "eval_epochs",
     "max_train_samples", "max_eval_samples", "validation_size", "seed", "init_from", "init_revision",

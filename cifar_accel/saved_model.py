@@ -18,6 +18,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cifar_accel import __version__
+from cifar_accel.config import IMAGE_SIDE
 from cifar_accel.errors import UserError
 from cifar_accel.files import write_atomically, write_json
 
@@ -36,8 +37,11 @@ def model_folder(folder: Path) -> Path:
 
 
 def model_config(
-    architecture: str, model_args: dict, class_names: list[str], mean: list[float], std: list[float]
-) -> dict:
+    architecture: str, model_args: dict, class_names: list[str], mean: list[float], std: list[float],
+    image_size: int | None = None,
+) -> dict:  # fmt: skip
+    """``config.json``: ``image_size`` is set when the model was trained with ``--image_size``."""
+    side = image_size or IMAGE_SIDE
     return {
         "architecture": architecture,
         "model_args": model_args,
@@ -45,7 +49,8 @@ def model_config(
         "class_names": class_names,
         "mean": mean,
         "std": std,
-        "input_size": [3, 32, 32],
+        "input_size": [3, side, side],
+        "image_size": image_size,
         "cifar_accel_version": __version__,
     }
 

@@ -24,13 +24,13 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def colour_images(labels: list[int], seed: int, num_colours: int = 4) -> list[dict]:
-    """A noisy image per label whose dominant colour is the class: learnable in a few steps."""
+def colour_images(labels: list[int], seed: int, num_colours: int = 4, size: tuple[int, int] = (32, 32)) -> list[dict]:
+    """A noisy image per label whose dominant colour is the class: learnable in a few steps. ``size``: (H, W)."""
     rng = np.random.default_rng(seed)
     images = []
     for label in labels:
         base = np.array(COLOURS[label % num_colours], dtype=np.float64)
-        pixels = np.clip(base + rng.normal(0, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+        pixels = np.clip(base + rng.normal(0, 40, size=(*size, 3)), 0, 255).astype(np.uint8)
         images.append({"bytes": _png_bytes(pixels), "path": None})
     return images
 
@@ -43,13 +43,15 @@ def write_hub_layout(
     label_column: str = "label",
     unique_labels: bool = False,
     num_colours: int = 4,
+    image_size: tuple[int, int] = (32, 32),
 ) -> Path:
     """``root/data/{split}-00000-of-00001.parquet`` with an Image and a ClassLabel column."""
     (root / "data").mkdir(parents=True, exist_ok=True)
     features = Features({image_column: Image(), label_column: ClassLabel(names=class_names)})
     for index, (split, size) in enumerate(split_sizes.items()):
         labels = list(range(size)) if unique_labels else [i % len(class_names) for i in range(size)]
-        rows = {image_column: colour_images(labels, seed=index, num_colours=num_colours), label_column: labels}
+        images = colour_images(labels, seed=index, num_colours=num_colours, size=image_size)
+        rows = {image_column: images, label_column: labels}
         Dataset.from_dict(rows, features=features).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
     return root
 

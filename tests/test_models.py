@@ -85,3 +85,23 @@ def test_airbench96_groups_add_a_residual_third_convolution():
     assert [g.conv1.out_channels for g in small.groups] == [64, 256, 256]
     assert [g.conv1.out_channels for g in large.groups] == [128, 512, 512]
     assert all(g.residual and hasattr(g, "conv3") for g in large.groups) and not small.groups[0].residual
+
+
+@pytest.mark.parametrize("name", ["airbench94", "airbench96"])
+def test_airbench_folded_for_inference_gives_the_same_logits_without_batchnorm(name):
+    torch.manual_seed(0)
+    model = get_model(name, num_classes=10, widths=[8, 16, 16]).to(memory_format=torch.channels_last)
+    norms = _layers(model, nn.BatchNorm2d)
+    for norm in norms:  # statistics and biases as training leaves them, not the identity they start as
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.bias.data.normal_()
+    with torch.no_grad():  # a scale of -1 does not commute with the max-pool: that BatchNorm must stay
+        model.groups[1].norm1.weight.fill_(-1.0)
+    images = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    folded = model.eval().folded_for_inference()
+    with torch.no_grad():
+        assert torch.allclose(folded(images), model(images), atol=1e-5)
+    assert len(_layers(folded, nn.BatchNorm2d)) == 1 and isinstance(folded.groups[1].norm1, nn.BatchNorm2d)
+    assert all(norm.weight.requires_grad is False for norm in _layers(model, nn.BatchNorm2d))  # the original kept
+    assert len(_layers(model, nn.BatchNorm2d)) == len(norms)

@@ -8,8 +8,11 @@ residual). BatchNorm has no trainable weight; convolutions start as partial iden
 precision, autocast keeps BatchNorm in fp32.
 """
 
+import copy
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cifar_accel.models.registry import register_model
 
@@ -24,8 +27,9 @@ def whitening_filters(images: Tensor, eps: float = 5e-4) -> Tensor:
     """
     channels = images.shape[1]
     patches = images.unfold(2, WHITENING_KERNEL, 1).unfold(3, WHITENING_KERNEL, 1)  # N, C, H', W', k, k
-    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * WHITENING_KERNEL**2).double()
-    covariance = patches.T @ patches / len(patches)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, channels * WHITENING_KERNEL**2)
+    # The sum in float32 as airbench does it (a quarter of float64's time on a CPU), the eigenvectors in float64.
+    covariance = (patches.T @ patches / len(patches)).double()
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
     filters = (eigenvectors / torch.sqrt(eigenvalues + eps)).T.flip(0)  # largest eigenvalue first
     filters = filters.reshape(-1, channels, WHITENING_KERNEL, WHITENING_KERNEL).float()
@@ -58,6 +62,18 @@ class ConvGroup(nn.Module):
         if residual:
             self.conv3 = identity_init(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False))
             self.norm3 = BatchNormWithoutWeight(out_channels, batchnorm_momentum)
+
+    def fold_batchnorm(self) -> None:
+        """Each BatchNorm folded into the convolution before it (inference mode only). ``norm1`` comes after the
+        max-pool, which commutes with a positive per-channel scale: folded only where every scale is positive
+        (always, while the frozen weight is 1)."""
+        pairs = [("conv1", "norm1"), ("conv2", "norm2")] + [("conv3", "norm3")] * self.residual
+        for conv_name, norm_name in pairs:
+            norm = getattr(self, norm_name)
+            if conv_name == "conv1" and not bool((norm.weight > 0).all()):
+                continue
+            setattr(self, conv_name, fuse_conv_bn_eval(getattr(self, conv_name), norm))
+            setattr(self, norm_name, nn.Identity())
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.activation(self.norm1(self.pool(self.conv1(x))))
@@ -98,6 +114,15 @@ class AirbenchNet(nn.Module):
     def initialize_whitening(self, images: Tensor) -> None:
         """Set the frozen whitening filters from normalised training images [N, 3, 32, 32]."""
         self.whiten.weight.copy_(whitening_filters(images.float()))
+
+    @torch.no_grad()
+    def folded_for_inference(self) -> "AirbenchNet":
+        """A copy in eval mode computing the same logits with its BatchNorm folded into the convolutions:
+        one pass fewer over each activation (6% of an evaluation's time on a CPU)."""
+        folded = copy.deepcopy(self).eval()
+        for group in folded.groups:
+            group.fold_batchnorm()
+        return folded
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.groups(self.activation(self.whiten(images)))
