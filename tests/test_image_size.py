@@ -57,7 +57,7 @@ def test_the_device_loader_crops_and_cuts_out_at_the_image_size(tmp_path):
     loader = make_device_dataloader(data.train, data, True, 16, torch.device("cpu"), cutout=27, crop_padding=3)
     images, _ = next(iter(loader))
     assert images.shape == (16, 3, 28, 28)
-    erased = (images == images.new_tensor(data.mean).neg().div(images.new_tensor(data.std)).view(1, 3, 1, 1))
+    erased = images == images.new_tensor(data.mean).neg().div(images.new_tensor(data.std)).view(1, 3, 1, 1)
     assert erased.all(dim=1).flatten(1).any(dim=1).all()  # every image has erased pixels, inside the 28x28
 
 
