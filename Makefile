@@ -28,6 +28,7 @@ smoke: $(VENV)/.installed
 benchmarks-quick: $(VENV)/.installed
 	$(BIN)/python benchmarks/data_throughput.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 	$(BIN)/python benchmarks/loop_overhead.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
+	$(BIN)/python benchmarks/airbench_parts.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 	$(BIN)/python benchmarks/time_to_accuracy.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10) \
 		--results_dir $(or $(TMPDIR),/tmp)
 

@@ -52,7 +52,8 @@ def find_base_model(source: str, revision: str | None = None) -> BaseModel:
 
 
 def architecture_settings(settings: dict) -> dict:
-    """``settings`` (a recipe's and the flags') with the base model's architecture, refusing a contradiction."""
+    """``settings`` (a recipe's and the flags') with the base model's architecture, refusing a contradiction,
+    and its ``--image_size`` unless one is given."""
     base = find_base_model(settings["init_from"], settings.get("init_revision"))
     saved = {"model": base.config["architecture"], "model_args": base.config["model_args"]}
     for name, value in saved.items():
@@ -61,6 +62,8 @@ def architecture_settings(settings: dict) -> dict:
                 f"--{name} {settings[name]!r} (asked for, or set by the recipe) contradicts --init_from "
                 f"{settings['init_from']}, which holds {name} {value!r}: the saved model sets it"
             )
+    if "image_size" not in settings and base.config.get("image_size"):
+        saved["image_size"] = base.config["image_size"]  # its resolution, unless another is asked for
     return {**settings, **saved}
 
 

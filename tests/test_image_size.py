@@ -45,6 +45,10 @@ def test_a_dataset_of_another_size_trains_and_its_model_resizes_as_training_did(
     assert best["score"] == pytest.approx(expected.max().item(), abs=1e-6)
     assert best["label"] == CLASSES[int(expected.argmax())]
 
+    fine_tuning = parse_train_args(["--init_from", str(output_dir), "--dataset", str(dataset)])
+    assert fine_tuning.image_size == image_size  # the base model's resolution, unless another is asked for
+    assert parse_train_args(["--init_from", str(output_dir), "--image_size", "32"]).image_size == 32
+
     capsys.readouterr()
     evaluate_main(["--model", str(output_dir), "--dataset", str(dataset), "--num_workers", "0"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 8
