@@ -32,6 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml  # a dependency of cifar_accel; used to check model cards as the Hub would
+from huggingface_hub.repocard_data import model_index_to_eval_results
 
 # Like the default .gitattributes of a Hub repo: these suffixes (and big or binary files) are stored in LFS.
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".pkl", ".onnx", ".png", ".jpg")
@@ -211,6 +212,12 @@ class StandInHub:
         if not isinstance(metadata, dict):
             problem = {"message": f"README.md has no YAML metadata block that parses to a mapping: {metadata!r}"}
             raise HubError(400, "Invalid metadata", errors=[problem])
+        if "model-index" in metadata:  # the fields the Hub requires, as huggingface_hub's own parser reads them
+            try:
+                model_index_to_eval_results(metadata["model-index"])
+            except (KeyError, TypeError, ValueError) as error:
+                problem = {"message": f"model-index lacks or misuses {error}"}
+                raise HubError(400, "Invalid metadata", errors=[problem]) from None
         return _json({"errors": [], "warnings": []})
 
     def _create_repo(self, headers, query, body):

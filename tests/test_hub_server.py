@@ -6,7 +6,7 @@ import os
 import huggingface_hub
 import pytest
 from hub_server import StandInHub
-from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 ALICE = "hf_alice_write"
@@ -147,3 +147,17 @@ def test_cached_file_is_served_without_the_server(hub, tmp_path):
     with open(again, "rb") as file:
         assert file.read() == weights
     assert len(hub.requests) == seen
+
+
+def test_card_validation_refuses_a_model_index_without_the_fields_the_hub_requires(hub, monkeypatch):
+    """What ``ModelCard.validate`` and ``create_commit`` (before any upload) ask the Hub; ``push`` tests rely on it."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+    result = "{task: {type: image-classification}, dataset: {type: d, name: d}, metrics: [{type: accuracy, %s}]}"
+    card = "---\nmodel-index:\n- name: m\n  results: [" + result + "]\n---\ntext"
+    ModelCard(card % "value: 0.9").validate()
+    api = HfApi(endpoint=hub.endpoint, token=ALICE)
+    api.create_repo("alice/x")
+    # huggingface_hub's ModelCard will not even parse this one; a README written by hand reaches the Hub as it is.
+    with pytest.raises(ValueError, match="Invalid metadata in README.md.\n- model-index lacks or misuses .value."):
+        _push(api, {"README.md": (card % "name: top-1").encode()})
+    assert hub.commits("alice/x") == []

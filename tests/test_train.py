@@ -198,7 +198,7 @@ def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path, dat
 
 def test_airbench94_recipe_trains_with_the_device_loader_and_every_trick(colour_dataset, tmp_path):
     """Whitening init, BatchNorm-bias lr scale, lookahead, alternating flip, channels_last and TTA together."""
-    command = f"train.py --recipe airbench94 --dataset {colour_dataset} --output_dir {tmp_path} --epochs 3"
+    command = f"train.py --recipe airbench94 --dataset {colour_dataset} --output_dir {tmp_path} --epochs 2"
     result = run_command([sys.executable, *command.split(), "--batch_size", "32", "--channels_last"],
                          env={"CIFAR_ACCEL_CACHE": str(tmp_path / "cache")})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -206,7 +206,7 @@ def test_airbench94_recipe_trains_with_the_device_loader_and_every_trick(colour_
     assert (config["recipe"], config["model"], config["data_loader"], config["lookahead"]) == (
         "airbench94", "airbench94", "device", True
     )  # fmt: skip
-    assert config["epochs"] == 3 and config["bias_lr_scale"] == 64.0  # flag over recipe; recipe over default
+    assert config["epochs"] == 2 and config["bias_lr_scale"] == 64.0  # flag over recipe; recipe over default
     results = _results(tmp_path)
     assert results["tta_level"] == 2 and results["tta_metrics"]["n"] == 101
     assert results["tta_metrics"]["top1"] >= 0.6  # chance is 0.25
