@@ -5,11 +5,13 @@
 hardware and time, the training curves and a usage snippet that downloads and predicts.
 """
 
+import importlib.metadata
 import json
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cifar_accel import __version__
 from cifar_accel.saved_model import BEST_MODEL_FOLDER, read_model_config
 
 LIBRARY_NAME = "cifar-accel"
@@ -30,10 +32,25 @@ KEY_SETTINGS = (
 SHOWN_ONLY_WHEN_ON = ("random_erasing", "mixup", "cutmix", "model_ema")
 
 
+def _install_line() -> str:
+    """How to install the cifar_accel that wrote the card: from the repository its packaging names (setup.cfg's
+    ``project_urls``), or, where it names none, from a checkout of its source at this version."""
+    try:
+        metadata = importlib.metadata.metadata("cifar-accel")
+        urls = dict(entry.split(", ", 1) for entry in metadata.get_all("Project-URL") or [] if ", " in entry)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        urls = {}
+    repository = urls.get("Repository") or urls.get("Source")
+    if repository:
+        install = f'`pip install "cifar-accel @ git+{repository}"`'
+        return f"Install cifar_accel from {repository} ({install}; this card was written by version {__version__})."
+    return f"Install cifar_accel {__version__}: `pip install -e .` in a checkout of its source at that version."
+
+
 def _usage(model_reference: str) -> str:
     return f"""## Usage
 
-With `cifar_accel` installed:
+{_install_line()} Then:
 
 ```python
 from PIL import Image

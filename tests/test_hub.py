@@ -330,3 +330,17 @@ def test_a_card_of_part_of_a_split_says_so_in_its_metadata_and_headline(run_dir,
     [evaluation] = card.data.eval_results
     assert evaluation.dataset_split == "test[:50]"
     assert "top-1 on the first 50 images of its `test` split (the split that chose the best epoch)." in card.text
+
+
+def test_the_card_says_how_to_install_cifar_accel_from_the_repository_its_packaging_names(monkeypatch):
+    from email.message import Message
+
+    from cifar_accel import __version__, model_card
+
+    declared = Message()
+    declared["Project-URL"] = "Repository, https://example.org/cifar-accel"
+    monkeypatch.setattr(model_card.importlib.metadata, "metadata", lambda name: declared)
+    usage = model_card._usage("alice/colours")
+    assert 'pip install "cifar-accel @ git+https://example.org/cifar-accel"' in usage and __version__ in usage
+    monkeypatch.setattr(model_card.importlib.metadata, "metadata", lambda name: Message())  # none declared, as now
+    assert f"Install cifar_accel {__version__}: `pip install -e .` in a checkout" in model_card._usage("alice/x")
