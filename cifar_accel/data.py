@@ -56,6 +56,7 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     resize_to: int | None = None  # --image_size: every image resized to this side on load
+    dataset_revision: str | None = None  # the Hub commit of a Hub dataset id; None for a local copy
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +126,15 @@ def load_dataset_dict(name: str, config_name: str | None = None) -> DatasetDict:
         raise UserError((NOT_CACHED if offline else HUB_UNREACHABLE).format(name=name)) from None
     except FileNotFoundError as error:  # DatasetNotFoundError is a FileNotFoundError
         raise UserError(redact(f"dataset {name!r} not found on the Hub or on disk ({error})")) from None
+
+
+def hub_revision(name: str, split: Dataset) -> str | None:
+    """The Hub commit that a Hub dataset id was loaded at: ``datasets`` prepares a Hub dataset under a folder
+    named by that commit, offline too (from the cache). None for a local copy, or where it cannot tell."""
+    if os.path.exists(os.path.expanduser(name)) or looks_like_local_path(name) or not split.cache_files:
+        return None
+    folder = Path(split.cache_files[0]["filename"]).parent.name
+    return folder if re.fullmatch(r"[0-9a-f]{40}", folder) else None
 
 
 def detect_column(dataset: Dataset, requested: str | None, candidates: tuple[str, ...], kind: str) -> str:
@@ -241,6 +251,7 @@ def load_data(config: TrainConfig) -> DataBundle:
         mean=mean,
         std=std,
         resize_to=config.image_size,
+        dataset_revision=hub_revision(config.dataset, train),
     )
 
 

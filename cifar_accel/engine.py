@@ -275,6 +275,7 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
         "selection_split": data.selection_split,
         # The datasets library's hash of the training examples as used: another revision of the data differs.
         "dataset_fingerprint": data.train._fingerprint,
+        "dataset_revision": data.dataset_revision,
         "image_column": data.image_column,
         "label_column": data.label_column,
         "class_names": data.class_names,

@@ -176,6 +176,8 @@ def build_model_card(
         dataset_type=dataset_id,
         dataset_name=dataset_id,
         dataset_config=settings.get("dataset_config"),
+        # The commit trained on, when the run loaded this very Hub dataset (not a local copy of it).
+        dataset_revision=settings.get("dataset_revision") if dataset_id == settings["dataset"] else None,
         dataset_split=split,
         metric_type="accuracy",
         metric_name=metric_name,

@@ -312,3 +312,18 @@ def test_a_dataset_with_several_configs_needs_one_and_lists_them(tmp_path):
         load_data(TrainConfig(dataset=str(tmp_path), dataset_config="three"))
     data = load_data(parse_train_args(["--dataset", str(tmp_path), "--dataset_config_name", "two"]))
     assert data.class_names == ["red", "green"] and len(data.train) == 16
+    assert data.dataset_revision is None  # a local copy
+
+
+def test_a_hub_dataset_records_the_commit_it_was_prepared_at_and_a_local_copy_none(tmp_path):
+    from datasets import Dataset, load_from_disk
+
+    from cifar_accel.data import hub_revision
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    Dataset.from_dict({"label": [0, 1]}).save_to_disk(str(tmp_path / commit))  # as datasets prepares a Hub id
+    prepared = load_from_disk(str(tmp_path / commit))
+    assert hub_revision("uoft-cs/cifar10", prepared) == hub_revision("uoft-cs/cifar10", prepared.select([1])) == commit
+    assert hub_revision(str(tmp_path), prepared) is None  # a folder on disk is a local copy, whatever it holds
+    Dataset.from_dict({"label": [0]}).save_to_disk(str(tmp_path / "not-a-commit"))
+    assert hub_revision("uoft-cs/cifar10", load_from_disk(str(tmp_path / "not-a-commit"))) is None

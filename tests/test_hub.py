@@ -329,6 +329,7 @@ def test_a_card_of_part_of_a_split_says_so_in_its_metadata_and_headline(run_dir,
     card = ModelCard(str(build_model_card(partial, "alice/colours", "uoft-cs/cifar10")))
     [evaluation] = card.data.eval_results
     assert evaluation.dataset_split == "test[:50]"
+    assert evaluation.dataset_revision is None  # trained on a local copy: no Hub commit to name
     assert "top-1 on the first 50 images of its `test` split (the split that chose the best epoch)." in card.text
 
 
@@ -344,3 +345,16 @@ def test_the_card_says_how_to_install_cifar_accel_from_the_repository_its_packag
     assert 'pip install "cifar-accel @ git+https://example.org/cifar-accel"' in usage and __version__ in usage
     monkeypatch.setattr(model_card.importlib.metadata, "metadata", lambda name: Message())  # none declared, as now
     assert f"Install cifar_accel {__version__}: `pip install -e .` in a checkout" in model_card._usage("alice/x")
+
+
+def test_a_card_names_the_hub_commit_its_run_trained_on(run_dir, tmp_path):
+    from_hub = tmp_path / "from_hub"
+    shutil.copytree(run_dir, from_hub)
+    settings = json.loads((from_hub / "train_config.json").read_text())
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    recorded = {**settings, "dataset": "uoft-cs/cifar10", "dataset_revision": commit}  # as a run on the Hub id
+    (from_hub / "train_config.json").write_text(json.dumps(recorded))
+    [evaluation] = ModelCard(str(build_model_card(from_hub, "alice/colours", "uoft-cs/cifar10"))).data.eval_results
+    assert evaluation.dataset_revision == commit
+    [evaluation] = ModelCard(str(build_model_card(from_hub, "alice/colours", "other/cifar10"))).data.eval_results
+    assert evaluation.dataset_revision is None  # another dataset named for the card: its commit is unknown
