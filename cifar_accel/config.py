@@ -357,7 +357,7 @@ RUN_CONFIG_FILE = "train_config.json"
 # What train_config.json records beside the settings (engine.resolved_settings): derived, not replayed.
 RUN_RECORD_ONLY = (
     "base_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples", "selection_split",
-    "dataset_fingerprint", "dataset_revision", "class_names", "mean", "std", "environment",
+    "dataset_fingerprint", "dataset_revision", "dataset_pretty_name", "class_names", "mean", "std", "environment",
 )  # fmt: skip
 # Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
 NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}

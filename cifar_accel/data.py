@@ -57,6 +57,7 @@ class DataBundle:
     std: list[float]
     resize_to: int | None = None  # --image_size: every image resized to this side on load
     dataset_revision: str | None = None  # the Hub commit of a Hub dataset id; None for a local copy
+    dataset_pretty_name: str | None = None  # the dataset card's name for people ("CIFAR-10"), if it has one
 
     @property
     def num_classes(self) -> int:
@@ -135,6 +136,24 @@ def hub_revision(name: str, split: Dataset) -> str | None:
         return None
     folder = Path(split.cache_files[0]["filename"]).parent.name
     return folder if re.fullmatch(r"[0-9a-f]{40}", folder) else None
+
+
+def pretty_name(name: str, revision: str | None) -> str | None:
+    """The dataset card's ``pretty_name``: from a local copy's README.md, or for a Hub id from the card that
+    loading it put in the Hugging Face cache (nothing more is downloaded). None where there is none."""
+    from huggingface_hub import DatasetCard, hf_hub_download
+
+    path = Path(os.path.expanduser(name))
+    try:
+        readme = path / "README.md" if path.exists() else None
+        if readme is None and not looks_like_local_path(name):
+            readme = hf_hub_download(name, "README.md", repo_type="dataset", revision=revision, local_files_only=True)
+        if readme is None or not Path(readme).is_file():
+            return None
+        value = DatasetCard.load(readme).data.pretty_name
+    except (OSError, ValueError):  # no card, or a card without YAML: the name is only for people
+        return None
+    return value if isinstance(value, str) and value.strip() else None
 
 
 def detect_column(dataset: Dataset, requested: str | None, candidates: tuple[str, ...], kind: str) -> str:
@@ -251,7 +270,8 @@ def load_data(config: TrainConfig) -> DataBundle:
         mean=mean,
         std=std,
         resize_to=config.image_size,
-        dataset_revision=hub_revision(config.dataset, train),
+        dataset_revision=(revision := hub_revision(config.dataset, train)),
+        dataset_pretty_name=pretty_name(config.dataset, revision),
     )
 
 

@@ -276,6 +276,7 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
         # The datasets library's hash of the training examples as used: another revision of the data differs.
         "dataset_fingerprint": data.train._fingerprint,
         "dataset_revision": data.dataset_revision,
+        "dataset_pretty_name": data.dataset_pretty_name,
         "image_column": data.image_column,
         "label_column": data.label_column,
         "class_names": data.class_names,

@@ -171,13 +171,14 @@ def build_model_card(
     split = f"{final['split']}[:{final['n']}]" if partial else final["split"]
     chosen_on_it = results["selected_by"] == final["split"]
     metric_name = "Top-1 accuracy" + (" (best epoch chosen on this split)" if chosen_on_it else "")
+    # The card's name and the commit trained on, when the run loaded this very Hub dataset (not a local copy).
+    trained_on_it = dataset_id == settings["dataset"]
     evaluation = EvalResult(
         task_type="image-classification",
         dataset_type=dataset_id,
-        dataset_name=dataset_id,
+        dataset_name=(trained_on_it and settings.get("dataset_pretty_name")) or dataset_id,
         dataset_config=settings.get("dataset_config"),
-        # The commit trained on, when the run loaded this very Hub dataset (not a local copy of it).
-        dataset_revision=settings.get("dataset_revision") if dataset_id == settings["dataset"] else None,
+        dataset_revision=settings.get("dataset_revision") if trained_on_it else None,
         dataset_split=split,
         metric_type="accuracy",
         metric_name=metric_name,

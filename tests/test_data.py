@@ -305,14 +305,14 @@ def test_a_dataset_with_several_configs_needs_one_and_lists_them(tmp_path):
         + "".join(f"  - split: {split}\n    path: {name}/data/{split}-*.parquet\n" for split in ("train", "test"))
         for name in ("colours", "two")
     )
-    (tmp_path / "README.md").write_text(f"---\nconfigs:\n{card}---\n")
+    (tmp_path / "README.md").write_text(f"---\npretty_name: Colour sets\nconfigs:\n{card}---\n")
     with pytest.raises(UserError, match="has several configs; pick one with --dataset_config: colours, two$"):
         load_data(TrainConfig(dataset=str(tmp_path)))
     with pytest.raises(UserError, match="^--dataset_config .three. is not a config of .*; choose one of: colours, two"):
         load_data(TrainConfig(dataset=str(tmp_path), dataset_config="three"))
     data = load_data(parse_train_args(["--dataset", str(tmp_path), "--dataset_config_name", "two"]))
     assert data.class_names == ["red", "green"] and len(data.train) == 16
-    assert data.dataset_revision is None  # a local copy
+    assert data.dataset_revision is None and data.dataset_pretty_name == "Colour sets"  # a local copy with a card
 
 
 def test_a_hub_dataset_records_the_commit_it_was_prepared_at_and_a_local_copy_none(tmp_path):

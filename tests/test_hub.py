@@ -347,14 +347,16 @@ def test_the_card_says_how_to_install_cifar_accel_from_the_repository_its_packag
     assert f"Install cifar_accel {__version__}: `pip install -e .` in a checkout" in model_card._usage("alice/x")
 
 
-def test_a_card_names_the_hub_commit_its_run_trained_on(run_dir, tmp_path):
+def test_a_card_names_the_hub_commit_and_dataset_name_its_run_trained_on(run_dir, tmp_path):
     from_hub = tmp_path / "from_hub"
     shutil.copytree(run_dir, from_hub)
     settings = json.loads((from_hub / "train_config.json").read_text())
     commit = "0123456789abcdef0123456789abcdef01234567"
-    recorded = {**settings, "dataset": "uoft-cs/cifar10", "dataset_revision": commit}  # as a run on the Hub id
-    (from_hub / "train_config.json").write_text(json.dumps(recorded))
+    recorded = {**settings, "dataset": "uoft-cs/cifar10", "dataset_revision": commit, "dataset_pretty_name": "CIFAR-10"}
+    (from_hub / "train_config.json").write_text(json.dumps(recorded))  # as a run on the Hub id records them
     [evaluation] = ModelCard(str(build_model_card(from_hub, "alice/colours", "uoft-cs/cifar10"))).data.eval_results
+    assert (evaluation.dataset_type, evaluation.dataset_name) == ("uoft-cs/cifar10", "CIFAR-10")
     assert evaluation.dataset_revision == commit
     [evaluation] = ModelCard(str(build_model_card(from_hub, "alice/colours", "other/cifar10"))).data.eval_results
     assert evaluation.dataset_revision is None  # another dataset named for the card: its commit is unknown
+    assert evaluation.dataset_name == "other/cifar10"
