@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
@@ -84,6 +85,9 @@ def _load(path: str, name: str, config_name: str | None) -> DatasetDict:
     """``load_dataset``, with a dataset of several configs and an unknown config as one-line refusals."""
     try:
         return load_dataset(path, config_name)
+    except yaml.YAMLError as error:  # the dataset card's metadata, which datasets reads for the configs
+        reason = " ".join(str(error).split())
+        raise UserError(f"cannot read dataset {name!r}: its README.md metadata is not valid YAML ({reason})") from None
     except ValueError as error:
         message = str(error)
         if "Config name is missing" not in message and "BuilderConfig" not in message:
@@ -151,7 +155,7 @@ def pretty_name(name: str, revision: str | None) -> str | None:
         if readme is None or not Path(readme).is_file():
             return None
         value = DatasetCard.load(readme).data.pretty_name
-    except (OSError, ValueError):  # no card, or a card without YAML: the name is only for people
+    except (OSError, ValueError, yaml.YAMLError):  # no card, or no usable metadata: the name is only for people
         return None
     return value if isinstance(value, str) and value.strip() else None
 
@@ -218,6 +222,7 @@ def compute_mean_std(images: torch.Tensor, max_images: int = 5000) -> tuple[list
     """Per-channel mean and std in [0, 1] units over the first ``max_images`` uint8 NCHW images."""
     pixels = images[:max_images].double() / 255
     mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3), correction=0)
+    std = std.clamp(min=1 / 255)  # a channel constant over every image would divide by zero; one grey level instead
     return [round(float(value), 4) for value in mean], [round(float(value), 4) for value in std]
 
 
@@ -313,7 +318,7 @@ def _decode(encoded: dict | None, where: str, resize_to: int | None) -> torch.Te
         if resize_to is None and image.size != (IMAGE_SIDE, IMAGE_SIDE):  # from the header: nothing decoded yet
             raise UserError(
                 f"images must be {IMAGE_SIDE}x{IMAGE_SIDE} pixels; {where} is {image.width}x{image.height} "
-                "(--image_size N trains on every image resized to NxN)"
+                "(width x height; train with --image_size N to resize every image to NxN)"
             )
         pixels = torch.from_numpy(np.asarray(to_rgb(image, where)).copy()).permute(2, 0, 1)
     return pixels if resize_to is None else resized(pixels, resize_to, resize_to)

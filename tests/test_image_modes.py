@@ -344,7 +344,7 @@ BAD_ROWS = {
         "img",
         2,
         stored(NOT_32),
-        r"images must be 32x32 pixels; the image in row 2 of split 'train' is 5000x5000 \(--image_size N trains",
+        r"images must be 32x32 pixels; the image in row 2 of split 'train' is 5000x5000 \(width x height; train with",
     ),
 }
 

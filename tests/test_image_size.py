@@ -67,7 +67,8 @@ def test_the_device_loader_crops_and_cuts_out_at_the_image_size(tmp_path):
 
 def test_images_of_another_size_are_refused_without_image_size_naming_it(tmp_path):
     dataset = write_hub_layout(tmp_path / "data", {"train": 8, "test": 4}, CLASSES, image_size=(28, 28))
-    with pytest.raises(UserError, match=r"^images must be 32x32 pixels; .* is 28x28 \(--image_size N trains on every"):
+    refusal = r"^images must be 32x32 pixels; .* is 28x28 \(width x height; train with --image_size N"
+    with pytest.raises(UserError, match=refusal):
         load_data(TrainConfig(dataset=str(dataset)))
 
 
@@ -87,3 +88,20 @@ def test_image_sizes_a_setting_or_model_cannot_take_are_refused_before_any_work(
         parse_train_args(["--output_dir", str(tmp_path / "run"), *flags])
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_card_with_broken_yaml_is_a_one_line_refusal(tmp_path):
+    dataset = write_hub_layout(tmp_path / "data", {"train": 8, "test": 4}, CLASSES)
+    (dataset / "README.md").write_text('---\npretty_name: "x: [\n---\n')
+    with pytest.raises(UserError, match="README.md metadata is not valid YAML") as refused:
+        load_data(TrainConfig(dataset=str(dataset)))
+    assert "\n" not in str(refused.value)
+
+
+def test_a_channel_constant_over_every_image_normalises_without_dividing_by_zero():
+    from cifar_accel.data import compute_mean_std
+
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    images[:, 0] = 200  # all red: every channel is constant
+    mean, std = compute_mean_std(images)
+    assert mean == [round(200 / 255, 4), 0.0, 0.0] and min(std) > 0
