@@ -136,7 +136,7 @@ def load_dataset_dict(name: str, config_name: str | None = None) -> DatasetDict:
 def hub_revision(name: str, split: Dataset) -> str | None:
     """The Hub commit that a Hub dataset id was loaded at: ``datasets`` prepares a Hub dataset under a folder
     named by that commit, offline too (from the cache). None for a local copy, or where it cannot tell."""
-    if os.path.exists(os.path.expanduser(name)) or looks_like_local_path(name) or not split.cache_files:
+    if os.path.exists(os.path.expanduser(name)) or not split.cache_files:
         return None
     folder = Path(split.cache_files[0]["filename"]).parent.name
     return folder if re.fullmatch(r"[0-9a-f]{40}", folder) else None
@@ -149,10 +149,11 @@ def pretty_name(name: str, revision: str | None) -> str | None:
 
     path = Path(os.path.expanduser(name))
     try:
-        readme = path / "README.md" if path.exists() else None
-        if readme is None and not looks_like_local_path(name):
+        if path.exists():
+            readme = path / "README.md"
+        else:  # a Hub id (a missing local path was refused when the dataset was loaded)
             readme = hf_hub_download(name, "README.md", repo_type="dataset", revision=revision, local_files_only=True)
-        if readme is None or not Path(readme).is_file():
+        if not Path(readme).is_file():
             return None
         value = DatasetCard.load(readme).data.pretty_name
     except (OSError, ValueError, yaml.YAMLError):  # no card, or no usable metadata: the name is only for people

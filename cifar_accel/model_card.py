@@ -21,9 +21,9 @@ TAGS = ("image-classification", LIBRARY_NAME, "model_hub_mixin", "pytorch_model_
 KEY_SETTINGS = (
     "recipe", "model", "model_args", "image_size", "epochs", "global_batch_size", "optimizer", "learning_rate",
     "weight_decay", "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction",
-    "label_smoothing",
-    "crop_padding", "cutout", "auto_augment", "random_erasing", "mixup", "cutmix", "alternating_flip", "drop_last",
-    "lookahead", "model_ema", "max_grad_norm", "mixed_precision", "eval_strategy", "eval_epochs",
+    "label_smoothing", "crop_padding", "cutout", "auto_augment", "random_erasing", "mixup", "cutmix",
+    "alternating_flip", "drop_last", "lookahead", "model_ema", "max_grad_norm", "mixed_precision", "eval_strategy",
+    "eval_epochs",
     "max_train_samples", "max_eval_samples", "validation_size", "seed", "init_from", "init_revision",
     "freeze_backbone",
 )  # fmt: skip

@@ -56,8 +56,7 @@ def test_a_dataset_of_another_size_trains_and_its_model_resizes_as_training_did(
 
 def test_the_device_loader_crops_and_cuts_out_at_the_image_size(tmp_path):
     dataset = write_hub_layout(tmp_path / "data", {"train": 16, "test": 4}, CLASSES, image_size=(28, 28))
-    config = TrainConfig(dataset=str(dataset), image_size=28, crop_padding=3, cutout=28 - 1)
-    data = load_data(config)
+    data = load_data(TrainConfig(dataset=str(dataset), image_size=28))
     loader = make_device_dataloader(data.train, data, True, 16, torch.device("cpu"), cutout=27, crop_padding=3)
     images, _ = next(iter(loader))
     assert images.shape == (16, 3, 28, 28)
