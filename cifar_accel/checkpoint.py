@@ -19,9 +19,7 @@ import os
 import pickle
 import shlex
 import shutil
-import signal
 import sys
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cifar_accel.config import SCHEDULER_ALIASES
-from cifar_accel.errors import STOP_SIGNALS, StoppedBySignal, UserError
+from cifar_accel.errors import UserError
 from cifar_accel.files import as_os_error, write_json
 from cifar_accel.saved_model import on_cpu
 
@@ -217,6 +215,12 @@ def check_process_count(path: Path, num_processes: int) -> None:
         )
 
 
+def saved_base_model(path: Path) -> dict | None:
+    """What a fine-tune's checkpoint records of the model it started from (``finetune.resumed_base_model``);
+    None for a run from scratch, and for a checkpoint written before it was recorded."""
+    return _saved_run(path).get("base_model")
+
+
 def _replace_directory(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; an existing ``target`` is swapped out, then removed."""
     if target.exists() and not target.is_dir():  # not a checkpoint: a file in the way
@@ -319,50 +323,3 @@ def _launch_flags(num_processes: int) -> list[str]:
             "--main_process_port", os.environ.get("MASTER_PORT", "29500"),
         ]  # fmt: skip
     return flags
-
-
-class StopRequest:
-    """SIGINT, SIGTERM and SIGUSR1 (the warning SLURM's ``--signal=USR1@SECONDS`` sends before a job's time
-    runs out) stop the run in a state it can continue from, exiting 128 + the signal.
-
-    While ``stop_at_once`` is in force (loading data, pushing: nothing to save), a signal raises
-    ``StoppedBySignal`` carrying what to do next. Otherwise it is only noted: the training loop
-    asks ``requested`` after each step and at each phase's end, saves a checkpoint and stops.
-    Later signals are only noted, so that a second Ctrl-C cannot break the checkpoint being
-    written; SIGKILL still stops at once, and then the previous checkpoint is the one to resume.
-    """
-
-    SIGNALS = STOP_SIGNALS
-
-    def __init__(self):
-        self.signal_number = 0
-        self._at_once_message: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-            self._previous = {number: signal.signal(number, self._note) for number in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def stop_at_once(self, message: str | None) -> None:
-        """From now on a signal raises ``StoppedBySignal(message)``; ``None`` goes back to noting it."""
-        self._at_once_message = message
-        if message and self.signal_number:  # one arrived while it was only being noted
-            raise StoppedBySignal(self.signal_number, message)
-
-    def _note(self, number: int, frame) -> None:
-        first = not self.signal_number
-        self.signal_number = self.signal_number or number
-        if first and self._at_once_message:
-            raise StoppedBySignal(number, self._at_once_message)
-
-    def requested(self, accelerator: Accelerator) -> int:
-        """The signal that asked any process to stop (0 if none): the same answer on every process."""
-        if accelerator.num_processes == 1:
-            return self.signal_number
-        numbers = accelerator.gather(torch.tensor([self.signal_number], device=accelerator.device))
-        return int(numbers.max())

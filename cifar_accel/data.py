@@ -5,7 +5,9 @@ and normalisation statistics; ``make_dataloader`` wraps one split in a ``DataLoa
 torchvision ``transforms.v2`` pipeline runs on the fly in worker processes.
 """
 
+import atexit
 import hashlib
+import multiprocessing
 import os
 import re
 import signal
@@ -443,6 +445,17 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
     main process fail before it could save a checkpoint. Workers exit when the main process is done."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler (torch imports it first): runs before it
+def _end_loader_workers() -> None:
+    """A run stopped by a signal can reach the interpreter's exit with a loader's workers still waiting for work.
+    multiprocessing would end them with SIGTERM, which they ignore, and then wait for them forever; they hold
+    nothing that needs saving, so they are killed, and the process exits."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 class BatchCollator:

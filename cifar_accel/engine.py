@@ -37,7 +37,6 @@ from tqdm.auto import tqdm
 from cifar_accel import __version__
 from cifar_accel.augment import BatchMixing
 from cifar_accel.checkpoint import (
-    StopRequest,
     TrainingProgress,
     check_architecture,
     check_data,
@@ -89,6 +88,7 @@ from cifar_accel.reporting import (
 )
 from cifar_accel.saved_model import model_config, save_model
 from cifar_accel.scoring import TOP_K_NAMES, score_predictions
+from cifar_accel.stopping import AbandonPoints, SafePoint, StepAbandoned, StopRequest
 from cifar_accel.tricks import Lookahead, ModelEma
 
 COMPILE_BACKEND = "inductor"  # the tests count graphs with the cheaper "aot_eager"
@@ -190,6 +190,8 @@ class Run:
     ema: ModelEma | None = None  # with --model_ema
     mixing: BatchMixing | None = None  # with --mixup or --cutmix
     forecast: RunLengthForecast | None = None  # set by build_run, once the run is restored
+    abandon_points: AbandonPoints | None = None  # where steps are slow: a stop ends the step in flight
+    safe_point: SafePoint | None = None  # ...and what that step changed is put back from here
 
     @property
     def weight_averages(self) -> list:
@@ -388,10 +390,21 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     if resume_from:
         restore_checkpoint(run)
     run.forecast = RunLengthForecast(run.total_steps, run.progress.global_step, accelerator.device)
+    if stops_inside_steps(config, accelerator):
+        run.abandon_points, run.safe_point = AbandonPoints(stop), SafePoint(model)
+        run.abandon_points.attach(model)
     stop.stop_at_once(None)  # from here a signal is answered with a checkpoint
     resuming, overwrite = bool(resume_from), config.overwrite_output_dir
     run.folder = on_main_process(accelerator, lambda: RunFolder(config.output_dir, resuming, overwrite))
     return run
+
+
+def stops_inside_steps(config: TrainConfig, accelerator: Accelerator) -> bool:
+    """Whether a stop may end a step in flight. On the CPU a step can outlast a launcher's grace (5 s for
+    ``accelerate launch``); on a GPU steps are short and the hooks would slow a speed run. Several processes
+    must stop at the same step (an abandoned one would leave the others in its gradient all-reduce), and a
+    compiled graph has no hooks to stop in."""
+    return accelerator.device.type == "cpu" and accelerator.num_processes == 1 and not config.compile
 
 
 def make_loader(config: TrainConfig, data: DataBundle, split, accelerator: Accelerator, train: bool = False):
@@ -506,30 +519,39 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
         run.model, batches, run.optimizers, run.schedulers, run.criterion, accelerator, run.epoch_totals,
         run.weight_averages, config.max_grad_norm,
     )  # fmt: skip
-    for loss in steps:
-        progress.step_in_epoch += 1
-        progress.global_step += 1
-        run.watch.observe(loss, progress.global_step)
-        bar.update(1)
-        if forecast := run.forecast.note(progress.global_step):
-            accelerator.print(forecast)
-        # Every 20 steps the host reads values back (the loop's only waits for the device): the loss for the
-        # progress bar, the non-finite check and, across GPUs, whether any process was asked to stop.
-        every_twentieth = progress.step_in_epoch % 20 == 0
-        if accelerator.num_processes == 1 or accelerator.device.type == "cpu" or every_twentieth:
-            run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch}")
-        if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
-            run.save_checkpoint()
-        if every_twentieth:
-            run.watch.check(accelerator, steps_per_epoch)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    try:
+        mark_safe_point(run)
+        for loss in steps:
+            progress.step_in_epoch += 1
+            progress.global_step += 1
+            mark_safe_point(run)
+            run.watch.observe(loss, progress.global_step)
+            bar.update(1)
+            if forecast := run.forecast.note(progress.global_step):
+                accelerator.print(forecast)
+            # Every 20 steps the host reads values back (the loop's only waits for the device): the loss for the
+            # progress bar, the non-finite check and, across GPUs, whether any process was asked to stop.
+            every_twentieth = progress.step_in_epoch % 20 == 0
+            if accelerator.num_processes == 1 or accelerator.device.type == "cpu" or every_twentieth:
+                run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch}")
+            if config.checkpoint_every_steps and progress.global_step % config.checkpoint_every_steps == 0:
+                run.save_checkpoint()
+            if every_twentieth:
+                run.watch.check(accelerator, steps_per_epoch)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    except StepAbandoned:
+        run.safe_point.restore()
+        run.stop_if_requested(stop, f"at epoch {epoch}, step {progress.step_in_epoch} (the step in flight was dropped)")
     run.watch.check(accelerator, steps_per_epoch)
     if epoch == config.epoch_count:
         finish_weight_averages(run)
     train_seconds = time.perf_counter() - epoch_start
     record = epoch_record(run, epoch_start, train_seconds, data_wait.seconds)
     if config.evaluates_after(epoch):
-        evaluate_epoch(run, record)
+        try:
+            evaluate_epoch(run, record)
+        except StepAbandoned:  # the checkpoint is the epoch trained: a resume evaluates it again
+            run.stop_if_requested(stop, f"during the evaluation of epoch {epoch}")
     keep_record(run, record, bar)
     progress.epoch, progress.step_in_epoch = epoch + 1, 0
     run.epoch_totals.zero_()
@@ -537,6 +559,12 @@ def train_epoch(run: Run, stop: StopRequest, bar: tqdm) -> None:
         run.folder.drop_replaced_run()  # this run has a finished epoch of its own now
     checkpoint = run.save_checkpoint() if config.checkpointing_steps == "epoch" else None
     run.stop_if_requested(stop, f"after epoch {epoch}", checkpoint)
+
+
+def mark_safe_point(run: Run) -> None:
+    """After each completed update: the state an abandoned next step goes back to."""
+    if run.safe_point is not None:
+        run.safe_point.mark()
 
 
 def finish_weight_averages(run: Run) -> None:
@@ -630,7 +658,10 @@ def inference_model(run: Run) -> nn.Module:
     unwrapped = run.accelerator.unwrap_model(run.model, keep_fp32_wrapper=False, keep_torch_compile=False)
     if run.config.compile or not hasattr(unwrapped, "folded_for_inference"):
         return run.model
-    return unwrapped.folded_for_inference()
+    folded = unwrapped.folded_for_inference()
+    if run.abandon_points is not None:
+        run.abandon_points.attach(folded)
+    return folded
 
 
 def finish_run(run: Run, stop: StopRequest) -> dict:
@@ -645,24 +676,28 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.
         final_split, final_data = config.eval_split, data.test
-    if config.tta_level:
-        tta_loader = (
-            run.eval_loader
-            if data.test is None
-            else accelerator.prepare(make_loader(config, data, data.test, accelerator))
+    try:
+        if config.tta_level:
+            tta_loader = (
+                run.eval_loader
+                if data.test is None
+                else accelerator.prepare(make_loader(config, data, data.test, accelerator))
+            )
+            with accelerator.autocast():  # the folded copy is not wrapped by prepare()
+                results["tta_metrics"] = evaluate(inference_model(run), tta_loader, accelerator, config.tta_level)
+        trained_time = time.perf_counter()  # evaluate() ends in a host sync: the device has finished
+        # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader
+        # (the device loader normalises with a fused multiply-add, equal only to the last bits), without TTA.
+        final_loader = make_dataloader(
+            final_data, data, False, config.eval_batch_size, config.num_workers, channels_last=config.channels_last
         )
-        with accelerator.autocast():  # the folded copy is not wrapped by prepare()
-            results["tta_metrics"] = evaluate(inference_model(run), tta_loader, accelerator, config.tta_level)
+        # In float32, without the mixed-precision wrapper: the numbers `cifar-accel evaluate` gives for the saved
+        # model.
+        float32_model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        final = evaluate(float32_model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
+    except StepAbandoned:  # training is over: the checkpoint makes a resume run this evaluation again
+        run.stop_if_requested(stop, "during the final evaluation")
     results["tta_level"] = config.tta_level
-    trained_time = time.perf_counter()  # evaluate() ends in a host sync: the device has finished
-    # The saved model exactly as `cifar-accel evaluate` and `predict` see it: through the per-image loader
-    # (the device loader normalises with a fused multiply-add, equal only to the last bits), without TTA.
-    final_loader = make_dataloader(
-        final_data, data, False, config.eval_batch_size, config.num_workers, channels_last=config.channels_last
-    )
-    # In float32, without the mixed-precision wrapper: the numbers `cifar-accel evaluate` gives for the saved model.
-    float32_model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False, keep_torch_compile=False)
-    final = evaluate(float32_model, accelerator.prepare(final_loader), accelerator, keep_predictions=True)
     scores = score_predictions(final.pop("ranked_predictions"), final.pop("labels"), data.class_names)
     disagreeing = [name for name in TOP_K_NAMES if scores[name] != final[name]]
     if disagreeing:  # two independent countings of the same predictions; never expected

@@ -15,9 +15,9 @@ from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
 from cifar_accel import engine
-from cifar_accel.checkpoint import StopRequest
 from cifar_accel.config import parse_train_args
 from cifar_accel.errors import UserError
+from cifar_accel.stopping import StopRequest
 
 # Calls after which the host holds a value computed on the device, so it waits for the device's queue.
 WAITING_CALLS = {
