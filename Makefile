@@ -5,14 +5,22 @@ DATASET ?= uoft-cs/cifar10
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: train test smoke benchmarks-quick lint clean
+.PHONY: train test smoke benchmarks-quick lint lock clean
 
-# Reinstall whenever the package metadata changes; the code itself is installed editable.
-$(VENV)/.installed: setup.cfg pyproject.toml
+# The exact versions the suite was run with (requirements.lock), then the package itself, editable, adding nothing.
+# Reinstalled whenever the lock or the package metadata changes.
+$(VENV)/.installed: requirements.lock setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $@
+
+# Refresh requirements.lock: the newest releases setup.cfg allows (torch as requirements-torch.txt pins it).
+# Then run `make test` and commit the lock with what it changed.
+lock: $(VENV)/.installed
+	$(BIN)/pip-compile --quiet --upgrade --extra dev --strip-extras --allow-unsafe --no-emit-index-url \
+		--no-emit-find-links --constraint requirements-torch.txt --output-file requirements.lock setup.cfg
 
 train: $(VENV)/.installed
 	$(BIN)/accelerate launch --quiet --config_file accelerate_config.yaml train.py --dataset $(DATASET) $(ARGS)

@@ -64,7 +64,9 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     folders = [
         folder
         for folder in root.glob(f"{PREFIX}*")
-        if folder.name.removeprefix(PREFIX).isdigit() and (folder / MANIFEST_FILE).is_file()
+        if (number := folder.name.removeprefix(PREFIX)).isascii()
+        and number.isdigit()
+        and (folder / MANIFEST_FILE).is_file()
     ]
     return sorted(folders, key=lambda folder: int(folder.name.removeprefix(PREFIX)))
 

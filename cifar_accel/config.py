@@ -66,6 +66,11 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model_ema": (lambda value: 0 <= value < 1, "0 (off) or a decay in (0, 1)"),
     "max_grad_norm": (lambda value: 0 < value < math.inf, "a positive finite number"),
 }
+# Settings that training uses as float32 (tensors, or scalars cast to the weights' dtype): a value outside
+# float32's normal range becomes 0 or infinite there (a Beta of alpha 0 raises; a learning rate of 0 trains nothing).
+FLOAT32_SETTINGS = ("learning_rate", "muon_learning_rate", "max_grad_norm", "mixup", "cutmix")
+FLOAT32_TINY = 2.0**-126  # the smallest normal float32
+FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127
 
 
 def _first_line(error: Exception) -> str:
@@ -202,6 +207,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not is_valid(value):
                 raise UserError(f"--{name} must be {valid}, got {value!r}")
+        for name in FLOAT32_SETTINGS:
+            value = getattr(self, name)
+            if value and value < FLOAT32_TINY:  # 0 turns --mixup and --cutmix off: it is not refused
+                raise UserError(
+                    f"--{name} must be at least {FLOAT32_TINY:.5g} (the smallest normal float32, the precision "
+                    f"training uses), got {value!r}"
+                )
+            if value and value > FLOAT32_MAX:
+                raise UserError(f"--{name} must be at most {FLOAT32_MAX:.5g} (the largest float32), got {value!r}")
         # Reflect padding needs fewer pixels than the side; a square as large as the image erases all of it.
         for name, valid in (("crop_padding", "less than the image side"), ("cutout", "smaller than the image")):
             if not 0 <= getattr(self, name) < self.image_side:
@@ -319,7 +333,9 @@ class TrainConfig:
 
     @property
     def checkpoint_every_steps(self) -> int | None:
-        return int(self.checkpointing_steps) if (self.checkpointing_steps or "").isdigit() else None
+        steps = self.checkpointing_steps or ""
+        # str.isdigit alone takes '²' (which int() refuses) and other scripts' digits (which int() reads).
+        return int(steps) if steps.isascii() and steps.isdigit() else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -195,12 +195,30 @@ def _get_split(splits: DatasetDict, name: str) -> Dataset:
     return splits[name]
 
 
-def _first(dataset: Dataset, count: int | None, flag: str) -> Dataset:
+SUBSET_SEED = 0  # --max_train_samples/--max_eval_samples draw the same examples for every run and command
+
+
+def random_subset(dataset: Dataset, count: int | None, flag: str) -> Dataset:
+    """``count`` examples drawn at random (seed ``SUBSET_SEED``), in their order in the split.
+
+    The first rows would do only for a split stored in random order: an image folder is listed class by
+    class, so its first rows are one or two classes. The seed is fixed rather than ``--seed``, so that runs
+    of several seeds train on the same examples and ``cifar-accel evaluate`` scores the ones a run scored.
+    """
     if count is None:
         return dataset
     if count > len(dataset):
         raise UserError(f"{flag} {count} is larger than the split ({len(dataset)} examples)")
-    return dataset.select(range(count))
+    if count == len(dataset):
+        return dataset
+    rows = np.random.default_rng(SUBSET_SEED).choice(len(dataset), size=count, replace=False)
+    return dataset.select(np.sort(rows))
+
+
+def classes_without_examples(split: Dataset, label_column: str, class_names: list[str]) -> list[str]:
+    """The classes of which ``split`` holds no example."""
+    present = set(np.unique(np.asarray(split.with_format("numpy")[label_column])).tolist())
+    return [name for index, name in enumerate(class_names) if index not in present]
 
 
 def check_labels(split: Dataset, label_column: str, num_classes: int, split_name: str) -> None:
@@ -238,8 +256,8 @@ def load_data(config: TrainConfig) -> DataBundle:
     label_feature = train.features[label_column]
     if not isinstance(label_feature, ClassLabel):
         raise UserError(f"label column {label_column!r} is {label_feature}, not a ClassLabel; class names are unknown")
-    train = _first(train, config.max_train_samples, "--max_train_samples")
-    test = _first(_get_split(splits, config.eval_split), config.max_eval_samples, "--max_eval_samples")
+    train = random_subset(train, config.max_train_samples, "--max_train_samples")
+    test = random_subset(_get_split(splits, config.eval_split), config.max_eval_samples, "--max_eval_samples")
     for split, split_name in ((train, config.train_split), (test, config.eval_split)):
         detect_column(split, image_column, (), "image")
         detect_column(split, label_column, (), "label")
@@ -291,7 +309,7 @@ def load_evaluation_data(
     examples = _get_split(load_dataset_dict(dataset, dataset_config), split)
     image_column = image_column_of(examples, image_column)
     label_column = detect_column(examples, label_column, LABEL_COLUMNS, "label")
-    examples = _first(examples, max_samples, "--max_eval_samples")
+    examples = random_subset(examples, max_samples, "--max_eval_samples")
     label_feature = examples.features[label_column]
     num_classes = getattr(label_feature, "num_classes", None)
     if num_classes != saved["num_classes"]:

@@ -50,7 +50,9 @@ from cifar_accel.checkpoint import (
 )
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import (
+    SUBSET_SEED,
     DataBundle,
+    classes_without_examples,
     content_digest,
     default_num_workers,
     first_images,
@@ -61,7 +63,7 @@ from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.distributed import process_group_deadline
 from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.files import FolderLock, describe_os_error
-from cifar_accel.finetune import BaseModel, find_base_model, freeze_backbone, load_base_weights
+from cifar_accel.finetune import BaseModel, find_base_model, freeze_backbone, load_base_weights, resumed_base_model
 from cifar_accel.hub import push_run
 from cifar_accel.loop import (
     DataWaitClock,
@@ -218,6 +220,9 @@ class Run:
             "settings": self.config.to_dict(),
             "num_processes": self.accelerator.num_processes,
             "data_digest": self.data_digest,
+            # With --init_from, the data is normalised as the base model was: a resume needs neither its folder
+            # nor its files (finetune.resumed_base_model).
+            "base_model": self.base_model and {**self.base_model, "mean": self.data.mean, "std": self.data.std},
         }
         checkpoint = save_checkpoint(
             self.accelerator, self.config.output_dir, self.progress, tensors, saved_run,
@@ -274,6 +279,8 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
         "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,
         "num_train_examples": len(data.train),
         "num_eval_examples": len(data.evaluation),
+        # --max_train_samples/--max_eval_samples: examples drawn at random with this seed (data.random_subset)
+        "subset_seed": SUBSET_SEED if config.max_train_samples or config.max_eval_samples else None,
         "selection_split": data.selection_split,
         # The datasets library's hash of the training examples as used: another revision of the data differs.
         "dataset_fingerprint": data.train._fingerprint,
@@ -339,7 +346,11 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     # Resolved values, so that train_config.json and the checkpoints record what was used.
     config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision, num_workers=workers)
     set_seed(config.seed)
-    base = find_base_model(config.init_from, config.init_revision) if config.init_from else None
+    base = None
+    if config.init_from and resume_from:  # the base model its checkpoint recorded: that folder may be gone
+        base = resumed_base_model(resume_from, config.init_from, config.init_revision)
+    elif config.init_from:
+        base = find_base_model(config.init_from, config.init_revision)
     # The main process builds the datasets and decoded-image caches first; the others then read them.
     with accelerator.main_process_first():
         data = load_data(config)
@@ -478,10 +489,25 @@ def start_records(run: Run) -> None:
         f"{data.num_classes} classes | {accelerator.num_processes} process(es) on {accelerator.device}, "
         f"global batch {resolved['global_batch_size']}, mixed precision {accelerator.mixed_precision}"
     )
+    for note in missing_class_notes(data):
+        accelerator.print(note)
     if run.resume_from:
         accelerator.print(
             f"resuming from {run.resume_from}: epoch {run.progress.epoch}, step {run.progress.step_in_epoch}"
         )
+
+
+def missing_class_notes(data: DataBundle) -> list[str]:
+    """Up front, a class no example teaches or tests: a subset, a hold-out or the dataset itself may lack one."""
+    notes = []
+    for split, role, consequence in (
+        (data.train, "training", "the model cannot learn to predict them"),
+        (data.evaluation, data.selection_split, "their per-class accuracy is n/a"),
+    ):
+        if missing := classes_without_examples(split, data.label_column, data.class_names):
+            notes.append(f"note: the {role} examples hold no image of class {', '.join(map(repr, missing))}; "
+                         f"{consequence}")  # fmt: skip
+    return notes
 
 
 def progress_bar(run: Run) -> tqdm:

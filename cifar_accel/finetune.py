@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from cifar_accel.checkpoint import saved_base_model
 from cifar_accel.errors import UserError
 from cifar_accel.hub import download_model_files, looks_like_local_path
 from cifar_accel.models import classifier_layer
@@ -21,8 +22,10 @@ class BaseModel:
     """The saved model a run starts from."""
 
     source: str  # as given: a folder, or a Hub repo id
-    folder: Path  # where its files are: the folder, or the repo's snapshot in the Hugging Face cache
-    config: dict  # its config.json
+    # Where its files are: the folder, or the repo's snapshot in the Hugging Face cache; None for one a resumed
+    # run's checkpoint recorded (its weights are in the checkpoint).
+    folder: Path | None
+    config: dict  # its config.json; from a checkpoint, the keys a resumed run uses
     revision: str | None  # the Hub commit it was downloaded at; None for a folder
 
     @property
@@ -49,6 +52,18 @@ def find_base_model(source: str, revision: str | None = None) -> BaseModel:
         raise UserError(f"--init_from {source}: no such folder")
     folder = download_model_files(source, revision)
     return BaseModel(source, folder, read_model_config(folder), folder.name)  # snapshots/<commit>/
+
+
+def resumed_base_model(checkpoint: Path, source: str, revision: str | None = None) -> BaseModel:
+    """The base model of a fine-tune resumed from ``checkpoint``, as the checkpoint recorded it (its ``record``
+    and the input normalisation the run trains with, the base model's): the checkpoint holds every weight, so
+    the folder (or Hub repo) the run started from may since have gone or changed. A checkpoint written before
+    this was recorded finds ``source`` again."""
+    saved = saved_base_model(checkpoint)
+    if saved is None:
+        return find_base_model(source, revision)
+    config = {key: saved[key] for key in ("architecture", "num_classes", "mean", "std")}
+    return BaseModel(saved["source"], None, config, saved["revision"])
 
 
 def architecture_settings(settings: dict) -> dict:

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from cifar_accel.errors import UserError
+
 # airbench94_muon's Newton-Schulz iterations per Muon step (torch's default, 5, orthogonalises further).
 NEWTON_SCHULZ_STEPS = 3
 
@@ -162,15 +164,28 @@ def total_updates(config, updates_per_epoch: int) -> int:
     return math.ceil(updates_per_epoch * config.epochs)
 
 
-def lr_multiplier(config, total_steps: int) -> Callable[[int], float]:
-    """step -> factor of the peak learning rate; warm-up then the named decay over the rest.
+def check_warmup(config, updates_per_epoch: int) -> None:
+    """``--num_warmup_steps`` must end before the run does; only now, with the data loaded, is its length known."""
+    updates = total_updates(config, updates_per_epoch)
+    if config.num_warmup_steps is not None and config.num_warmup_steps >= updates:
+        epochs = f"{config.epochs} epoch{'' if config.epochs == 1 else 's'}"
+        length = "--max_train_steps" if config.max_train_steps else f"{epochs} of {updates_per_epoch}"
+        raise UserError(
+            f"--num_warmup_steps {config.num_warmup_steps} must be fewer than the {updates} optimizer updates this "
+            f"run makes ({length}), or warm-up never ends: give at most {updates - 1}, or use --warmup_fraction"
+        )
+
+
+def lr_multiplier(config, total_steps: int, steps_per_update: int = 1) -> Callable[[int], float]:
+    """step -> factor of the peak learning rate; warm-up then the named decay over the rest. The scheduler
+    takes ``steps_per_update`` steps at each optimizer update (one per process, under Accelerate).
 
     With ``warmup_start_fraction`` 0.2, ``warmup_fraction`` 0.23 and ``final_lr_fraction`` 0.07 this
     is airbench94's triangle: 0.2 of the peak at the first step, the peak at 23%, 0.07 at the end.
     """
     warmup_steps = round(config.warmup_fraction * total_steps)
-    if config.num_warmup_steps is not None:  # the Hugging Face examples' way: a count, over the fraction
-        warmup_steps = min(config.num_warmup_steps, total_steps)
+    if config.num_warmup_steps is not None:  # the Hugging Face examples' way: a count of updates, over the fraction
+        warmup_steps = config.num_warmup_steps * steps_per_update
     decay = {"linear": _linear, "cosine": _cosine, "constant": _constant}.get(config.scheduler)
     if config.scheduler == "multistep":
         decay = _multistep(config.milestones, config.gamma)
@@ -199,7 +214,8 @@ def whitening_bias_multiplier(multiplier: Callable[[int], float], last_step: int
 def build_scheduler(optimizer: torch.optim.Optimizer, config, steps_per_epoch: int, num_processes: int = 1) -> LambdaLR:
     """``steps_per_epoch`` counts one process's optimizer updates in an epoch. Accelerate's prepared
     scheduler advances once per process at each update, so the schedule spans ``num_processes`` times them."""
-    multiplier = lr_multiplier(config, num_processes * total_updates(config, steps_per_epoch))
+    check_warmup(config, steps_per_epoch)
+    multiplier = lr_multiplier(config, num_processes * total_updates(config, steps_per_epoch), num_processes)
     whitening_steps = None
     if config.whiten_bias_epochs is not None:
         whitening_steps = num_processes * steps_per_epoch * config.whiten_bias_epochs

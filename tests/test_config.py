@@ -98,6 +98,15 @@ def test_flags_are_parsed_into_typed_fields():
         (["--max_train_steps", "0"], "--max_train_steps must be 1 to 2\\^31, got 0$"),
         (["--num_warmup_steps", "-1"], "--num_warmup_steps must be 0 to 2\\^31, got -1$"),
         (["--max_grad_norm", "nan"], "--max_grad_norm must be a positive finite number, got nan"),
+        # Valid in float64, but 0 or infinite in the float32 tensors they become (torch's Beta refuses a 0 alpha).
+        (["--cutmix", "1e-300"], "--cutmix must be at least 1.1755e-38 \\(the smallest normal float32, .*got 1e-300$"),
+        (["--mixup", "1e-300"], "--mixup must be at least 1.1755e-38 \\(the smallest normal float32, .*got 1e-300$"),
+        (["--mixup", "1e39"], "--mixup must be at most 3.4028e\\+38 \\(the largest float32\\), got 1e\\+39$"),
+        (["--max_grad_norm", "1e-300"], "--max_grad_norm must be at least 1.1755e-38 .*, got 1e-300$"),
+        (["--learning_rate", "1e-300"], "--learning_rate must be at least 1.1755e-38 .*, got 1e-300$"),
+        # Digits that str.isdigit takes but are not ASCII: int() refuses '\u00b2' and reads '\u0663' as 3.
+        (["--checkpointing_steps", "\u00b2"], "--checkpointing_steps must be a positive number .*, got '\u00b2'$"),
+        (["--checkpointing_steps", "\u0663"], "--checkpointing_steps must be a positive number .*, got '\u0663'$"),
         (["--model_args", '{"widths": 5}'], "model 'resnet9' does not take widths"),
         (["--model", "bn_cnn", "--model_args", '{"conv_dropout": 2}'], "--model_args .*bn_cnn cannot be built"),
         (["--dataset", ""], "--dataset must name a Hub dataset or a folder"),
@@ -205,6 +214,31 @@ def test_a_bad_recipe_file_is_a_clear_error(tmp_path, content, message):
     recipe.write_text(content)
     with pytest.raises(UserError, match=message):
         parse_train_args(["--recipe", str(recipe)])
+
+
+@pytest.mark.parametrize(
+    ("content", "key", "lines"),
+    [
+        ("epochs: 3\nmodel: bn_cnn\nepochs: 5\n", "epochs", "lines 1 and 3"),
+        ("model: bn_cnn\nmodel_args:\n  conv_dropout: 0.1\n  conv_dropout: 0.2\n", "conv_dropout", "lines 3 and 4"),
+        ('{"epochs": 3, "epochs": 5}\n', "epochs", "line 1"),  # JSON, as a run's train_config.json
+    ],
+)
+@pytest.mark.parametrize("flag", ["--recipe", "--config"])
+def test_a_setting_given_twice_in_a_file_is_refused_naming_it_and_the_file(tmp_path, content, key, lines, flag):
+    """YAML itself lets the last value win silently: which one did the author mean?"""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(content)
+    source = "recipe" if flag == "--recipe" else "--config"
+    with pytest.raises(UserError, match=f"^{source} '{settings}' sets {key} twice \\({lines}\\); keep one$"):
+        parse_train_args([flag, str(settings)])
+
+
+def test_a_yaml_merge_key_may_still_override_what_it_merges(tmp_path):
+    """``<<`` copies a mapping's keys on purpose, so a key beside it replaces one of them without a refusal."""
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("model: bn_cnn\nmodel_args:\n  <<: {conv_dropout: 0.1}\n  conv_dropout: 0.2\n")
+    assert parse_train_args(["--recipe", str(settings)]).model_args == {"conv_dropout": 0.2}
 
 
 def test_unknown_recipe_lists_the_shipped_ones():

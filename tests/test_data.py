@@ -1,3 +1,4 @@
+import json
 from collections import Counter
 
 import pytest
@@ -327,3 +328,54 @@ def test_a_hub_dataset_records_the_commit_it_was_prepared_at_and_a_local_copy_no
     assert hub_revision(str(tmp_path), prepared) is None  # a folder on disk is a local copy, whatever it holds
     Dataset.from_dict({"label": [0]}).save_to_disk(str(tmp_path / "not-a-commit"))
     assert hub_revision("uoft-cs/cifar10", load_from_disk(str(tmp_path / "not-a-commit"))) is None
+
+
+def write_image_folder(root, counts: dict[str, dict[str, int]]) -> None:
+    """``root/split/class/N.png``: ``datasets`` lists such a folder class by class."""
+    from PIL import Image
+
+    for split, classes in counts.items():
+        for colour, count in classes.items():
+            folder = root / split / colour
+            folder.mkdir(parents=True)
+            for index in range(count):
+                Image.new("RGB", (32, 32), colour).save(folder / f"{index}.png")
+
+
+def test_sample_limits_draw_every_class_of_a_class_sorted_folder_the_same_for_every_seed(tmp_path):
+    write_image_folder(
+        tmp_path, {split: dict.fromkeys(["blue", "green", "red", "yellow"], 30) for split in ("train", "test")}
+    )
+    subsets = [
+        load_data(TrainConfig(dataset=str(tmp_path), max_train_samples=40, max_eval_samples=20, seed=seed))
+        for seed in (0, 1)
+    ]
+    for data in subsets:
+        assert (len(data.train), len(data.evaluation)) == (40, 20)
+        # The first 40 rows would be 30 blue and 10 green images.
+        assert set(Counter(data.train["label"])) == {0, 1, 2, 3} and min(Counter(data.train["label"]).values()) >= 5
+        assert set(Counter(data.evaluation["label"])) == {0, 1, 2, 3}
+    assert subsets[0].train["image"] == subsets[1].train["image"]  # runs of several seeds train on the same examples
+
+
+def test_evaluate_scores_the_examples_a_run_with_the_same_limit_scored(colour_dataset):
+    from cifar_accel.data import load_evaluation_data
+
+    trained = load_data(TrainConfig(dataset=str(colour_dataset), max_eval_samples=30, seed=5))
+    saved = {"num_classes": 4, "class_names": trained.class_names, "mean": trained.mean, "std": trained.std}
+    evaluated = load_evaluation_data(str(colour_dataset), "test", 30, None, None, saved)
+    assert evaluated.evaluation["img"] == trained.evaluation["img"]
+    assert evaluated.evaluation["img"] != load_data(TrainConfig(dataset=str(colour_dataset))).evaluation[:30]["img"]
+
+
+def test_a_run_says_up_front_which_classes_no_example_teaches_or_tests(tmp_path, capsys):
+    from cifar_accel import engine
+
+    write_image_folder(tmp_path / "data", {"train": {"blue": 8, "green": 8}, "test": {"blue": 2, "red": 2}})
+    argv = ["--dataset", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--model", "simple_cnn"]
+    engine.train(parse_train_args([*argv, "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
+                                   "--max_eval_samples", "4"]))  # fmt: skip
+    output = capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["subset_seed"] == 0
+    assert "note: the training examples hold no image of class 'red'; the model cannot learn to predict them" in output
+    assert "note: the test examples hold no image of class 'green'; their per-class accuracy is n/a" in output

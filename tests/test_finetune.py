@@ -114,3 +114,42 @@ def test_a_fine_tune_resumed_from_its_checkpoint_ends_bit_for_bit_the_same(base_
         for run in ("whole", "resumed")
     ]  # fmt: skip
     assert records[0] == records[1] and len(records[0]) == 2
+
+
+def test_a_fine_tune_resumes_after_its_base_model_folder_is_deleted(base_model, colour_dataset, tmp_path):
+    """The checkpoint holds every weight: a resume needs neither the folder the run started from nor a flag
+    naming it, and the run still records where its starting weights came from. Killed after its first epoch
+    (the finished run copied back to that checkpoint), it ends bit for bit as the uninterrupted run."""
+    base = shutil.copytree(base_model, tmp_path / "base")
+    flags = ["--init_from", str(base), *FEW_STEPS, "--epochs", "2", "--checkpointing_steps", "epoch"]
+    train_run(colour_dataset, tmp_path / "whole", *flags)
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_4")
+    (tmp_path / "resumed" / "results.json").unlink()
+    shutil.rmtree(base)
+    train(parse_train_args(["--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path / "resumed")]))
+    for weights in ("checkpoints/step_4/model.safetensors", "best/model.safetensors"):
+        whole, resumed = (load_file(tmp_path / run / weights) for run in ("whole", "resumed"))
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[name], resumed[name]) for name in whole)
+    whole, resumed = (json.loads((tmp_path / run / "train_config.json").read_text()) for run in ("whole", "resumed"))
+    assert resumed["base_model"] == whole["base_model"] == {
+        "source": str(base.resolve()), "revision": None, "architecture": "bn_cnn", "num_classes": 10
+    }  # fmt: skip
+    assert (resumed["mean"], resumed["std"]) == (whole["mean"], whole["std"])
+
+
+def test_a_resume_takes_the_base_model_its_checkpoint_recorded_or_finds_that_of_an_older_one(base_model, tmp_path):
+    from cifar_accel.finetune import find_base_model, resumed_base_model
+
+    found = find_base_model(str(base_model))
+    recorded, older = tmp_path / "recorded", tmp_path / "older"
+    for checkpoint, run in ((recorded, {"base_model": {**found.record(), "mean": [0.5] * 3, "std": [0.25] * 3}}),
+                            (older, {})):  # fmt: skip
+        checkpoint.mkdir()
+        (checkpoint / "progress.json").write_text(json.dumps({"settings": {}, **run}))
+    from_record = resumed_base_model(recorded, "/no/such/base")
+    assert (from_record.record(), from_record.folder) == (found.record(), None)
+    assert (from_record.config["mean"], from_record.config["std"]) == ([0.5] * 3, [0.25] * 3)
+    assert resumed_base_model(older, str(base_model)) == found
+    with pytest.raises(UserError, match="--init_from /no/such/base: no such folder"):
+        resumed_base_model(older, "/no/such/base")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cifar_accel.config import TrainConfig
+from cifar_accel.errors import UserError
 from cifar_accel.optim import build_optimizers, build_scheduler, epochs_for_updates, total_updates
 
 
@@ -31,6 +32,34 @@ def test_linear_warms_up_linearly_to_the_peak_then_decays_to_zero():
 def test_num_warmup_steps_counts_the_warm_up_in_updates_over_the_fraction():
     rates = _learning_rates(TrainConfig(scheduler="linear", learning_rate=0.4, warmup_fraction=0.2, num_warmup_steps=5))
     assert rates[:5] == pytest.approx([0.08, 0.16, 0.24, 0.32, 0.4]) and max(rates) == rates[4]
+
+
+@pytest.mark.parametrize("warmup", [100, 10])
+def test_a_warm_up_that_would_not_end_before_the_run_does_is_refused_with_the_runs_updates(warmup):
+    """10 updates: warm-up over 100 used to be cut to 10, and over all 10 of them, the decay never started."""
+    config = TrainConfig(scheduler="linear", epochs=2, num_warmup_steps=warmup)
+    (optimizer,) = build_optimizers(torch.nn.Linear(2, 2), config)
+    message = (
+        f"^--num_warmup_steps {warmup} must be fewer than the 10 optimizer updates this run makes \\(2 epochs of 5\\)"
+        ", or warm-up never ends: give at most 9, or use --warmup_fraction$"
+    )
+    with pytest.raises(UserError, match=message):
+        build_scheduler(optimizer, config, steps_per_epoch=5)
+    build_scheduler(optimizer, dataclasses.replace(config, num_warmup_steps=9), steps_per_epoch=5)
+
+
+def test_num_warmup_steps_counts_updates_whatever_the_number_of_processes():
+    """The prepared scheduler steps once per process at each update: 2 processes warm up over twice the steps."""
+    config = TrainConfig(scheduler="constant", learning_rate=1.0, epochs=2, num_warmup_steps=4)
+    (optimizer,) = build_optimizers(torch.nn.Linear(2, 2), config)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=3, num_processes=2)
+    rates = []
+    for _ in range(6):  # updates
+        rates.append(scheduler.get_last_lr()[0])
+        for _ in range(2):  # as Accelerate's prepared scheduler steps it
+            optimizer.step()
+            scheduler.step()
+    assert rates[3] < 1.0 and rates[4] == rates[5] == 1.0, rates
 
 
 @pytest.mark.parametrize(("updates", "per_epoch"), [(10, 3), (100, 10), (7, 48), (476, 48), (1, 5)])

@@ -30,9 +30,36 @@ def load_recipe(name_or_path: str) -> dict:
     return settings
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    def __init__(self, key: object, first: yaml.Mark, second: yaml.Mark):
+        first_line, second_line = first.line + 1, second.line + 1  # Marks count from 0
+        lines = f"line {first_line}" if first_line == second_line else f"lines {first_line} and {second_line}"
+        super().__init__(problem=f"sets {key} twice ({lines}); keep one", problem_mark=second)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a mapping that gives a key twice: YAML would silently keep the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[object, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' copies keys on purpose; those beside it win
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+            except TypeError:  # an unhashable key: SafeLoader refuses it with its own message
+                break
+        return super().construct_mapping(node, deep)
+
+
 def _read(path: Path) -> dict:
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as error:
+        raise UserError(f"recipe {str(path)!r} {error.problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
     except OSError as error:
