@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from cifar_accel.augment import DecodedImages, erase_colour
 from cifar_accel.config import IMAGE_SIDE, TrainConfig
 from cifar_accel.errors import STOP_SIGNALS, UserError
-from cifar_accel.files import describe_os_error, write_atomically
+from cifar_accel.files import describe_os_error, remove_abandoned_temporaries, write_atomically
 from cifar_accel.hub import looks_like_local_path
 from cifar_accel.images import DECODING_VERSION, open_image, resized, to_rgb
 from cifar_accel.saved_model import preprocessing
@@ -375,6 +375,7 @@ def decode_splits(
     for path, tensors in to_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_temporaries(path.parent)
             write_atomically(path, lambda temporary, tensors=tensors: save_file(tensors, str(temporary)))
         except OSError as error:  # a cache that cannot be written costs time next run, not this run
             if not _UNCACHED:

@@ -302,6 +302,7 @@ def train(config: TrainConfig) -> dict:
     stop; ``--resume_from_checkpoint`` continues bit for bit where a checkpoint left off.
     """
     start_time = time.perf_counter()
+    config.validate()  # the command line validated it already; a TrainConfig built in Python gets the same checks
     with StopRequest() as stop:
         stop.stop_at_once("stopped while preparing the run; nothing was trained: run the same command again")
         run = build_run(config, start_time, stop)

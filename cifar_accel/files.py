@@ -20,10 +20,21 @@ from cifar_accel.errors import UserError
 LOCK_NAME = ".lock"
 
 
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _host_tag() -> str:
+    return socket.gethostname().replace(".", "_") or "localhost"
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary)`` then rename to ``path``; the temporary is removed if anything fails."""
+    """``write(temporary)`` then rename to ``path``; the temporary is removed if anything fails.
+
+    The temporary is named after the writer (host and pid), so that one left by a killed writer can be
+    recognised and removed (``remove_abandoned_temporaries``).
+    """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}{TEMPORARY_SUFFIX}")
     try:
         write(temporary)
         os.replace(temporary, path)
@@ -48,6 +59,28 @@ def as_os_error(error: Exception, path: str | Path) -> Exception:
     if usage.f_bavail * usage.f_frsize < 2**20:  # the write failed with less than 1 MiB left: the disk is full
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
     return error
+
+
+def remove_abandoned_temporaries(folder: Path) -> None:
+    """Remove the temporaries of writers on this machine that no longer run: a writer killed by SIGKILL
+    (or the machine's power) cannot remove its own, and a decoded-image cache's is the size of the data."""
+    for temporary in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+        parts = temporary.name.rsplit(".", 3)  # "", NAME, HOST, PID, "tmp" with the name's own dots in NAME
+        if len(parts) != 4:
+            continue
+        host, pid = parts[1], parts[2]
+        if host == _host_tag() and pid.isascii() and pid.isdigit() and not _process_exists(int(pid)):
+            temporary.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -379,3 +379,37 @@ def test_a_run_says_up_front_which_classes_no_example_teaches_or_tests(tmp_path,
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["subset_seed"] == 0
     assert "note: the training examples hold no image of class 'red'; the model cannot learn to predict them" in output
     assert "note: the test examples hold no image of class 'green'; their per-class accuracy is n/a" in output
+
+
+def test_a_cache_write_killed_by_sigkill_leaves_no_temporary_behind_the_next_run(colour_dataset, tmp_path, monkeypatch):
+    """The decoded images of a split are written to a temporary, then renamed; a writer killed in between
+    cannot remove it, so the next writer on the machine does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    writer = (
+        "import time, safetensors.torch as st, cifar_accel.data as data\n"
+        "def slow(tensors, path):\n"
+        "    open(path, 'wb').write(b'x' * 1000)\n"
+        "    time.sleep(60)\n"
+        "data.save_file = slow\n"
+        f"data.load_data(data.TrainConfig(dataset={str(colour_dataset)!r}))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer], env={**os.environ, "CIFAR_ACCEL_CACHE": str(cache)})
+    deadline = time.monotonic() + 120
+    while not list(cache.glob(".*.tmp")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    [left] = list(cache.glob(".*.tmp"))
+    mine = cache / f".other.safetensors.{left.name.rsplit('.', 3)[1]}.{os.getpid()}.tmp"  # a live writer's
+    mine.write_bytes(b"")
+    monkeypatch.setenv("CIFAR_ACCEL_CACHE", str(cache))
+    load_data(TrainConfig(dataset=str(colour_dataset)))
+    assert sorted(path.name for path in cache.glob(".*.tmp")) == [mine.name]
+    assert len(list(cache.glob("*.safetensors"))) == 2  # both splits cached this time

@@ -213,3 +213,24 @@ def test_airbench94_recipe_trains_with_the_device_loader_and_every_trick(colour_
     evaluated = _evaluate_command(tmp_path / "best", colour_dataset)  # the card's numbers, from the device loader run
     assert evaluated["top1"] == results["final_metrics"]["top1"]
     assert evaluated["loss"] == pytest.approx(results["final_metrics"]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"batch_size": 0}, r"--batch_size must be 1 to 2\^31, got 0"),
+        ({"cutmix": 1e-300}, "--cutmix must be at least"),
+        ({"push_to_hub": True}, "--push_to_hub needs --hub_model_id"),
+    ],
+)
+def test_train_from_python_refuses_what_the_command_line_refuses_before_writing(
+    colour_dataset, tmp_path, settings, message
+):
+    from cifar_accel import engine
+    from cifar_accel.config import TrainConfig
+    from cifar_accel.errors import UserError
+
+    config = TrainConfig(dataset=str(colour_dataset), output_dir=str(tmp_path / "run"), **settings)
+    with pytest.raises(UserError, match=message):
+        engine.train(config)
+    assert not (tmp_path / "run").exists()
