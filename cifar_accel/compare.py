@@ -1,11 +1,11 @@
 """``cifar-accel compare``: finished runs side by side, as one table and one plot of their curves."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from cifar_accel.errors import UserError
 from cifar_accel.reporting import selected_metric
+from cifar_accel.run_records import read_finished_run
 
 HEADER = ("run", "model", "recipe", "chosen on", "epochs", "best top-1", "top-5", "seconds", "images/s")
 
@@ -27,13 +27,9 @@ class RunSummary:
 def load_run_summary(run_dir: str | Path) -> RunSummary:
     """What the table shows of one run folder; a one-line error if it is not a finished run."""
     run_dir = Path(run_dir)
-    paths = [run_dir / name for name in ("train_config.json", "results.json", "metrics.jsonl")]
-    missing = [path.name for path in paths if not path.is_file()]
-    if missing:
-        raise UserError(f"{run_dir} is not a finished run folder (missing {', '.join(missing)})")
+    run = read_finished_run(run_dir)
+    settings, results, records = run.settings, run.results, run.records
     try:
-        settings, results = (json.loads(path.read_text()) for path in paths[:2])
-        records = [json.loads(line) for line in paths[2].read_text().splitlines() if line.strip()]
         best = results["best_metrics"]
         if "timing" in results:
             seconds, images_per_second = results["timing"]["speed_run_seconds"], results["timing"]["images_per_second"]
@@ -53,7 +49,7 @@ def load_run_summary(run_dir: str | Path) -> RunSummary:
             images_per_second=images_per_second,
             records=records,
         )
-    except (ValueError, KeyError, TypeError, ZeroDivisionError) as error:  # ValueError: bad JSON or bad bytes
+    except (KeyError, TypeError, ZeroDivisionError) as error:  # a field missing, or an older run's of another kind
         raise UserError(f"cannot read the run in {run_dir} ({error.__class__.__name__}: {error})") from None
 
 

@@ -221,6 +221,40 @@ def classes_without_examples(split: Dataset, label_column: str, class_names: lis
     return [name for index, name in enumerate(class_names) if index not in present]
 
 
+SHOWN_DIFFERENCES = 3  # of a long list of classes, enough to see what went wrong
+
+
+def class_names_of(split: Dataset, label_column: str) -> list[str]:
+    """The names a ``ClassLabel`` column gives its indices; any other column (names as text, bare numbers) has
+    none. The wording is ``load_data``'s, for the same problem in training."""
+    feature = split.features[label_column]
+    if not isinstance(feature, ClassLabel):
+        raise UserError(f"label column {label_column!r} is {feature}, not a ClassLabel; class names are unknown")
+    return list(feature.names)
+
+
+def check_model_classes(model_names: list[str], dataset_names: list[str], where: str) -> None:
+    """Refuse a dataset whose classes differ from the model's in number, in name or in order. The same names in
+    another order are refused too, not remapped: the decoded labels are the dataset's indices, scored as they are."""
+    if len(model_names) != len(dataset_names):
+        raise UserError(f"the model predicts {len(model_names)} classes but {where} has {len(dataset_names)}")
+    differences = [
+        f"class {index} is {ours!r} in the model but {theirs!r} in the dataset"
+        for index, (ours, theirs) in enumerate(zip(model_names, dataset_names, strict=True))
+        if ours != theirs
+    ]
+    if not differences:
+        return
+    more = len(differences) - SHOWN_DIFFERENCES
+    listed = ", ".join(differences[:SHOWN_DIFFERENCES]) + (f" and {more} more" if more > 0 else "")
+    reordered = (
+        " (the same names in another order: labels are compared as class indices, so the order must be the model's)"
+        if sorted(model_names) == sorted(dataset_names)
+        else ""
+    )
+    raise UserError(f"the model's classes are not those of {where}: {listed}{reordered}")
+
+
 def check_labels(split: Dataset, label_column: str, num_classes: int, split_name: str) -> None:
     """Every label must index a class: an out-of-range one would fail deep inside the loss."""
     missing = np.flatnonzero(split.with_format("arrow")[label_column].is_null().to_numpy())
@@ -253,15 +287,13 @@ def load_data(config: TrainConfig) -> DataBundle:
     train = _get_split(splits, config.train_split)
     image_column = image_column_of(train, config.image_column)
     label_column = detect_column(train, config.label_column, LABEL_COLUMNS, "label")
-    label_feature = train.features[label_column]
-    if not isinstance(label_feature, ClassLabel):
-        raise UserError(f"label column {label_column!r} is {label_feature}, not a ClassLabel; class names are unknown")
+    class_names = class_names_of(train, label_column)
     train = random_subset(train, config.max_train_samples, "--max_train_samples")
     test = random_subset(_get_split(splits, config.eval_split), config.max_eval_samples, "--max_eval_samples")
     for split, split_name in ((train, config.train_split), (test, config.eval_split)):
         detect_column(split, image_column, (), "image")
         detect_column(split, label_column, (), "label")
-        check_labels(split, label_column, label_feature.num_classes, split_name)
+        check_labels(split, label_column, len(class_names), split_name)
 
     evaluation, selection_split, held_out_test = test, config.eval_split, None
     if config.validation_size:
@@ -292,7 +324,7 @@ def load_data(config: TrainConfig) -> DataBundle:
         test=held_out_test,
         image_column=image_column,
         label_column=label_column,
-        class_names=list(label_feature.names),
+        class_names=class_names,
         mean=mean,
         std=std,
         resize_to=config.image_size,
@@ -309,11 +341,10 @@ def load_evaluation_data(
     examples = _get_split(load_dataset_dict(dataset, dataset_config), split)
     image_column = image_column_of(examples, image_column)
     label_column = detect_column(examples, label_column, LABEL_COLUMNS, "label")
+    # Scores compare class indices: they mean something only if the dataset's classes are the model's.
+    where = f"{dataset} (split {split!r}, column {label_column!r})"
+    check_model_classes(saved["class_names"], class_names_of(examples, label_column), where)
     examples = random_subset(examples, max_samples, "--max_eval_samples")
-    label_feature = examples.features[label_column]
-    num_classes = getattr(label_feature, "num_classes", None)
-    if num_classes != saved["num_classes"]:
-        raise UserError(f"the model predicts {saved['num_classes']} classes but {dataset!r} has {num_classes}")
     return DataBundle(
         train=examples.select([]),
         evaluation=examples,

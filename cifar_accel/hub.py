@@ -5,7 +5,6 @@ written by a push. The token goes to ``huggingface_hub`` and is never printed or
 message and URL given back passes through ``redact``, so credentials inside ``HF_ENDPOINT`` stay hidden.
 """
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from cifar_accel.errors import UserError
 from cifar_accel.model_card import build_model_card
 from cifar_accel.models import get_model
 from cifar_accel.redaction import redact, redact_log_records
+from cifar_accel.run_records import read_run_json
 from cifar_accel.saved_model import BEST_MODEL_FOLDER, CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
 
 # Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
@@ -39,7 +39,7 @@ def looks_like_local_path(name: str) -> bool:
 
 def default_dataset_id(run_dir: Path) -> str | None:
     """The run's ``--dataset`` when it is a Hub id; None for a local copy."""
-    dataset = json.loads((run_dir / "train_config.json").read_text())["dataset"]
+    dataset = read_run_json(run_dir / "train_config.json")["dataset"]
     return None if looks_like_local_path(dataset) or Path(dataset).expanduser().exists() else dataset
 
 
@@ -159,7 +159,7 @@ def run_upload(run_dir: Path) -> dict[str, Path]:
         **{name: run_dir / name for name in RUN_FILES_PUBLISHED},
     }
     results = files["results.json"]
-    if results.is_file() and "timing" not in json.loads(results.read_text()):
+    if results.is_file() and "timing" not in read_run_json(results):
         raise UserError(
             f"{run_dir} was trained by an older cifar_accel (its results.json has no timing, the run no summary.csv"
             " or confusion matrix); train it again to publish it"

@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar_accel import __version__
+from cifar_accel.run_records import read_finished_run, require_fields
 from cifar_accel.saved_model import BEST_MODEL_FOLDER, read_model_config
 
 LIBRARY_NAME = "cifar-accel"
@@ -30,6 +31,12 @@ KEY_SETTINGS = (
 
 # Regularisers most runs do not use: a row only when they are on.
 SHOWN_ONLY_WHEN_ON = ("random_erasing", "mixup", "cutmix", "model_ema")
+# The fields of results.json the card shows (tta_metrics too, when the run has them).
+CARD_RESULTS = (
+    "selected_by", "best_epoch", "final_metrics.split", "final_metrics.n", "final_metrics.loss", "final_metrics.top1",
+    "final_metrics.top3", "final_metrics.top5", "final_metrics.per_class_top1", "timing.total_seconds",
+    "timing.speed_run_seconds", "timing.images_per_second",
+)  # fmt: skip
 
 
 def _install_line() -> str:
@@ -76,8 +83,8 @@ def minimal_model_card(config: dict, model_reference: str = "PATH_OR_REPO_ID") -
     return _card(card_data, body)
 
 
-def _percent(value: float) -> str:
-    return f"{value:.2%}"
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"  # None: a class with no examples in the split
 
 
 def _results_section(results: dict, dataset_name: str) -> str:
@@ -158,8 +165,9 @@ def build_model_card(
     ``plots_folder``: where the card's images are, relative to the card.
     """
     run_dir = Path(run_dir)
-    settings = json.loads((run_dir / "train_config.json").read_text())
-    results = json.loads((run_dir / "results.json").read_text())
+    run = read_finished_run(run_dir)
+    settings, results = run.settings, run.results
+    require_fields(results, run_dir / "results.json", CARD_RESULTS)
     config = read_model_config(run_dir / BEST_MODEL_FOLDER)
     final = results["final_metrics"]
     dataset_name = dataset_id or Path(settings["dataset"]).name

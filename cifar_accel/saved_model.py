@@ -9,7 +9,9 @@ training checkpoints, for resuming, are in ``checkpoint.py``.)
 """
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -18,15 +20,17 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cifar_accel import __version__
-from cifar_accel.config import IMAGE_SIDE
+from cifar_accel.config import IMAGE_SIDE, RANGES
 from cifar_accel.errors import UserError
 from cifar_accel.files import write_atomically, write_json
+from cifar_accel.models import get_model, list_models
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 NOT_A_SAVED_MODEL = f"a saved model is a folder holding {WEIGHTS_NAME} and {CONFIG_NAME}"
 BEST_MODEL_FOLDER = "best"  # where a run folder keeps its saved model
 CONFIG_KEYS = ("architecture", "model_args", "num_classes", "class_names", "mean", "std", "input_size")
+CHANNELS = 3  # every image is converted to RGB before it is normalised: one mean and one std per channel
 
 
 def model_folder(folder: Path) -> Path:
@@ -77,7 +81,9 @@ def save_model(network: nn.Module, directory: str | Path, config: dict) -> None:
 
 
 def read_model_config(directory: str | Path) -> dict:
-    """The saved ``config.json``, checked to hold every key a model needs."""
+    """The saved ``config.json``, checked to hold every key a model needs, each of the type and in the range
+    its readers expect: every command that loads a saved model reads it here, so none of them meets a
+    malformed value later (a worker's traceback, a label that is one letter of a string)."""
     path = Path(directory) / CONFIG_NAME
     try:
         config = json.loads(path.read_text())
@@ -85,12 +91,98 @@ def read_model_config(directory: str | Path) -> dict:
         raise UserError(f"{path} not found; {NOT_A_SAVED_MODEL}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{path} is not a cifar_accel model config ({error})") from None
-    missing = [key for key in CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    except OSError as error:  # no read permission, a folder of that name...
+        raise UserError(f"{path} cannot be read ({error.strerror or error})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is not a cifar_accel model config (a JSON object is expected, got {config!r:.60})")
+    missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise UserError(f"{path} is not a cifar_accel model config (missing {', '.join(missing)})")
-    if config["num_classes"] != len(config["class_names"]):
-        raise UserError(f"{path} lists {len(config['class_names'])} class names for {config['num_classes']} classes")
+    check_model_config(config, path)
     return config
+
+
+def _invalid(path: Path, field: str, expected: str, value: Any) -> UserError:
+    shown = repr(value)
+    return UserError(f"{path}: {field} must be {expected}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
+
+
+def _is_whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_model_config(config: dict, path: Path) -> None:
+    """Each field of a config that holds every key: what a malformed one would break is named in the refusal."""
+    architecture, model_args = config["architecture"], config["model_args"]
+    if not isinstance(architecture, str):
+        raise _invalid(path, "architecture", "the name of a model", architecture)
+    if architecture not in list_models():  # e.g. saved by a later cifar_accel that has more
+        raise _invalid(path, "architecture", f"a model of this cifar_accel, one of: {', '.join(list_models())}",
+                       architecture)  # fmt: skip
+    if not isinstance(model_args, dict):
+        raise _invalid(path, "model_args", "a JSON object of the architecture's arguments", model_args)
+    num_classes, class_names = config["num_classes"], config["class_names"]
+    if not _is_whole_number(num_classes) or num_classes < 1:
+        raise _invalid(path, "num_classes", "a whole number of at least 1", num_classes)
+    if (
+        not isinstance(class_names, list)
+        or not all(isinstance(name, str) for name in class_names)
+        or len(set(class_names)) != len(class_names)
+    ):  # a string would be indexed letter by letter, and two classes of one name could not be told apart
+        raise _invalid(path, "class_names", f"a list of {num_classes} distinct strings", class_names)
+    if len(class_names) != num_classes:
+        raise UserError(f"{path} lists {len(class_names)} class names for {num_classes} classes")
+    for field, positive in (("mean", False), ("std", True)):  # std divides: zero or less cannot normalise
+        values = config[field]
+        if not (
+            isinstance(values, list)
+            and len(values) == CHANNELS
+            and all(_is_finite_number(value) and (value > 0 or not positive) for value in values)
+        ):
+            kind = "positive finite numbers" if positive else "finite numbers"
+            raise _invalid(path, field, f"a list of {CHANNELS} {kind} (one per RGB channel)", values)
+    image_size = config.get("image_size")  # absent from the configs of models saved before --image_size
+    in_range, valid = RANGES["image_size"]
+    if image_size is not None and not (_is_whole_number(image_size) and in_range(image_size)):
+        expected = f"null ({IMAGE_SIDE}x{IMAGE_SIDE} images) or a whole number of {valid}"
+        raise _invalid(path, "image_size", expected, image_size)
+    side = image_size or IMAGE_SIDE
+    if config["input_size"] != [CHANNELS, side, side]:  # derived from image_size: a different one would be ignored
+        raise _invalid(path, "input_size", f"[{CHANNELS}, {side}, {side}] (image_size {json.dumps(image_size)})",
+                       config["input_size"])  # fmt: skip
+    _check_network(config, path, side)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _check_network(config: dict, path: Path, side: int) -> None:
+    """The network the config describes is built, and given images of its side, without memory (meta device):
+    arguments it does not take, or a side its classifier does not fit, are refused before any weights load."""
+    architecture = config["architecture"]
+    with torch.device("meta"):
+        try:
+            network = get_model(architecture, num_classes=config["num_classes"], **config["model_args"])
+        except UserError as error:  # an argument the architecture does not take, or a value of the wrong type
+            raise UserError(f"{path}: model_args: {error}") from None
+        except Exception as error:  # whatever the constructor raises for values it cannot take
+            raise UserError(
+                f"{path}: model_args {json.dumps(config['model_args'])} cannot build {architecture} "
+                f"({_first_line(error)})"
+            ) from None
+        if side != IMAGE_SIDE:  # every architecture takes 32x32 images; the resnets take any side
+            try:
+                network.eval()(torch.zeros(2, CHANNELS, side, side))
+            except Exception as error:
+                raise UserError(
+                    f"{path}: architecture {architecture!r} cannot take {side}x{side} images (image_size {side}; "
+                    f"{_first_line(error)})"
+                ) from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

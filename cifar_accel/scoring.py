@@ -17,7 +17,8 @@ def load_top_k_accuracy():
 
 
 def score_predictions(ranked_predictions: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
-    """top1/top3/top5, per-class top-1 (by class name) and the confusion matrix of ranked predictions."""
+    """top1/top3/top5, per-class top-1 (by class name; None for a class with no examples among ``labels``) and
+    the confusion matrix of ranked predictions."""
     scores = load_top_k_accuracy().compute(
         predictions=ranked_predictions.cpu().tolist(),
         references=labels.cpu().tolist(),

@@ -360,3 +360,31 @@ def test_a_card_names_the_hub_commit_and_dataset_name_its_run_trained_on(run_dir
     [evaluation] = ModelCard(str(build_model_card(from_hub, "alice/colours", "other/cifar10"))).data.eval_results
     assert evaluation.dataset_revision is None  # another dataset named for the card: its commit is unknown
     assert evaluation.dataset_name == "other/cifar10"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncated", "cannot read the run in {run}: results.json is not valid JSON (Unterminated string"),
+        ("top1 'high'", "{run}/results.json: final_metrics.top1 must be a fraction from 0 to 1, got 'high'"),
+    ],
+)
+def test_push_refuses_a_run_whose_results_are_broken_in_the_line_compare_gives(run_dir, tmp_path, damage, message):
+    broken = shutil.copytree(run_dir, tmp_path / "broken")
+    text = (broken / "results.json").read_text()
+    if damage == "truncated":
+        (broken / "results.json").write_text(text[: text.index('"top1"') + 3])
+    else:
+        results = json.loads(text)
+        results["final_metrics"]["top1"] = "high"
+        (broken / "results.json").write_text(json.dumps(results))
+    before = _snapshot(broken)
+    for command in (
+        ["push", "--run_dir", str(broken), "--repo_id", "alice/x", "--token", ALICE],
+        ["compare", str(broken)],
+    ):
+        result = run_command(cifar_accel_command(*command))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+        assert errors[0].startswith(f"error: {message.format(run=broken)}") and "Traceback" not in result.stderr
+    assert _snapshot(broken) == before

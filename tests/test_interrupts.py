@@ -56,7 +56,8 @@ def signal_on_call(monkeypatch, owner, name: str, signal_number: int) -> None:
 
 # phase: (what starts it, the signal sent there, how the stop describes where it happened)
 RESUMABLE_PHASES = {
-    "the epoch's evaluation": ((engine, "evaluate"), signal.SIGTERM, "after epoch 1"),
+    # The evaluation in flight is dropped: the checkpoint holds the epoch trained, and a resume evaluates it.
+    "the epoch's evaluation": ((engine, "evaluate"), signal.SIGTERM, "during the evaluation of epoch 1"),
     "the final evaluation": ((engine, "score_predictions"), signal.SIGINT, "during the final evaluation"),
     # SLURM's warning before a job's time runs out
     "the reports": ((RunFolder, "save_reports"), signal.SIGUSR1, "while writing the reports"),

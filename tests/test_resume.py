@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, accelerate_launch, run_command
+from conftest import REPO_ROOT, run_command
 from safetensors.torch import load_file
 
 from cifar_accel.checkpoint import write_manifest
@@ -111,7 +111,8 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_an_uninterrupt
     assert [event.step for event in events.Scalars("train_loss")] == [1, 2, 3]
 
 
-# SIGTERM from outside, mid-training; SIGINT and SIGUSR1 land in-process in tests/test_interrupts.py.
+# SIGTERM to the trainer's pid, mid-training; to a launcher's process group: tests/test_stop_signals.py;
+# SIGINT and SIGUSR1 land in-process in tests/test_interrupts.py.
 @pytest.mark.parametrize(("stop_signal", "exit_code"), [(signal.SIGTERM, 143)])
 def test_a_signal_saves_a_checkpoint_and_prints_the_command_that_resumes(
     reference_runs, colour_dataset, tmp_path, stop_signal, exit_code
@@ -181,26 +182,3 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(refer
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: cannot resume from {checkpoint}")
     assert not marker.exists()
-
-
-def test_two_processes_stop_together_on_sigterm_and_resume_exactly(colour_dataset, tmp_path):
-    """The launcher forwards SIGTERM to both ranks (and their loader workers, which ignore it)."""
-    port = 29660
-    launch = (
-        f"--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no "
-        f"--main_process_port {port} train.py --dataset {colour_dataset} --model bn_cnn --batch_size 16 "
-        f"--learning_rate 0.05 --label_smoothing 0 --num_workers 1 --epochs 2 --checkpointing_steps 3"
-    ).split()
-    reference, run_dir = tmp_path / "reference", tmp_path / "run"
-    result = run_command(accelerate_launch(*launch, "--output_dir", str(reference)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = tmp_path / "stopped.log"
-    command = accelerate_launch(*launch, "--output_dir", str(run_dir))
-    process = start_and_wait_for(command, run_dir / "checkpoints" / "step_3", log)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=120)
-    assert "SIGTERM: stopped at epoch" in log.read_text(), log.read_text()[-3000:]
-    result = run_command([*command, "--resume_from_checkpoint", "latest"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert len(compared_metrics(reference)) == 2
-    assert compared_metrics(run_dir) == compared_metrics(reference)

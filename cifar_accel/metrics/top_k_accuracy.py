@@ -23,8 +23,8 @@ Args:
     num_classes (`int`): number of classes: the size of the confusion matrix.
     k (`list` of `int`, default [1, 3, 5]): the k values to report.
 Returns:
-    `top{k}` for each k (`float`), `per_class_top1` (`list` of `float`, 0.0 for a class with no
-    examples), `confusion_matrix` (`list` of `list` of `int`).
+    `top{k}` for each k (`float`), `per_class_top1` (`list` of `float`; `None` for a class with no
+    examples, which was not evaluated), `confusion_matrix` (`list` of `list` of `int`).
 Example:
     >>> metric = evaluate.load("cifar_accel/metrics/top_k_accuracy.py")
     >>> metric.compute(predictions=[[2, 0], [1, 2]], references=[2, 2], num_classes=3, k=[1, 2])["top2"]
@@ -51,5 +51,6 @@ class TopKAccuracy(evaluate.Metric):
         scores = {f"top{value}": int(hits[:, :value].any(axis=1).sum()) / len(labels) for value in k}
         confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
         np.add.at(confusion, (labels, ranked[:, 0]), 1)
-        per_class = [int(confusion[c, c]) / int(row) if row else 0.0 for c, row in enumerate(confusion.sum(axis=1))]
+        # A class without examples has no accuracy: None (JSON null), where 0.0 would claim every one was wrong.
+        per_class = [int(confusion[c, c]) / int(row) if row else None for c, row in enumerate(confusion.sum(axis=1))]
         return {**scores, "per_class_top1": per_class, "confusion_matrix": confusion.tolist()}
