@@ -374,6 +374,7 @@ RUN_CONFIG_FILE = "train_config.json"
 RUN_RECORD_ONLY = (
     "base_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples", "selection_split",
     "dataset_fingerprint", "dataset_revision", "dataset_pretty_name", "class_names", "mean", "std", "environment",
+    "subset_seed",
 )  # fmt: skip
 # Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
 NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}
