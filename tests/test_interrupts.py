@@ -109,3 +109,23 @@ def test_a_signal_while_pushing_keeps_the_run_and_says_how_to_push_it(colour_dat
         f"--run_dir {tmp_path} --repo_id someone/colours"
     )
     assert (tmp_path / "results.json").is_file() and (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_a_signal_during_the_test_time_augmented_evaluation_drops_it_and_resumes_exactly(
+    reference, colour_dataset, tmp_path, monkeypatch, capsys
+):
+    """The evaluation in flight is dropped at its next layer; the checkpoint after training makes a resume run
+    it again."""
+    signal_on_call(monkeypatch, engine, "inference_model", signal.SIGTERM)
+    scored = []
+    monkeypatch.setattr(engine, "score_predictions", lambda *args: scored.append(args))
+    with pytest.raises(StoppedBySignal):
+        train(colour_dataset, tmp_path, "--tta_level", "1")
+    assert not scored  # neither evaluation ran to its end
+    assert f"SIGTERM: stopped during the final evaluation; checkpoint saved to {tmp_path}" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+    monkeypatch.undo()
+    results = resume(tmp_path)
+    reference_dir, reference_results = reference
+    assert records(tmp_path) == records(reference_dir)
+    assert results["final_metrics"] == reference_results["final_metrics"] and results["tta_level"] == 1
