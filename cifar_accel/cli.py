@@ -8,12 +8,14 @@ Heavy imports happen inside the commands so that ``--help`` stays fast.
 
 import argparse
 import json
+import signal
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
 from cifar_accel.config import OneLineErrorParser
-from cifar_accel.errors import EXIT_SYSTEM_REFUSED, EXIT_USER_ERROR, StoppedBySignal, UserError
+from cifar_accel.errors import EXIT_SYSTEM_REFUSED, EXIT_USER_ERROR, STOP_SIGNALS, StoppedBySignal, UserError
 from cifar_accel.files import describe_os_error
 from cifar_accel.redaction import redact
 
@@ -32,12 +34,36 @@ def _run(command: Callable[[], Any]) -> Any:
         _print_line(f"error: {describe_os_error(error)}")
         raise SystemExit(EXIT_SYSTEM_REFUSED) from None
     except StoppedBySignal as stopped:  # without a message, the checkpoint and resume command are printed
-        if stopped.message:
-            _print_line(f"{stopped.signal_name}: {stopped.message}")
-        raise SystemExit(stopped.exit_code) from None
+        _exit_stopped(stopped)
     except KeyboardInterrupt:  # before a run installed its own handling: nothing was written yet
         _print_line("SIGINT: stopped before anything was written")
         raise SystemExit(130) from None
+    except Exception as error:  # a library (datasets' split generation) may wrap the stop in its own error
+        stopped = _stop_behind(error)
+        if stopped is None:
+            raise
+        _exit_stopped(stopped)
+
+
+def _stop_behind(error: BaseException) -> StoppedBySignal | None:
+    """The ``StoppedBySignal`` an error was raised from or while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StoppedBySignal):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _exit_stopped(stopped: StoppedBySignal) -> typing.NoReturn:
+    # The process is leaving: a second Ctrl-C or SIGTERM must not break its clean-up (the loader workers' shutdown)
+    # with a KeyboardInterrupt traceback.
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    if stopped.message:
+        _print_line(f"{stopped.signal_name}: {stopped.message}")
+    raise SystemExit(stopped.exit_code) from None
 
 
 def train_main(argv: list[str] | None = None) -> None:
@@ -92,7 +118,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     _model_arguments(parser)
     parser.add_argument("--split", default="test", help="split to evaluate")
     parser.add_argument(
-        "--max_eval_samples", type=_whole_number(1, UNBOUNDED), default=None, help="use only the first N examples"
+        "--max_eval_samples",
+        type=_whole_number(1, UNBOUNDED),
+        default=None,
+        help="N examples at random (seed 0, as train)",
     )
     _data_arguments(parser)
     args = _run(lambda: parser.parse_args(argv))
@@ -126,7 +155,10 @@ def loader_speed_main(argv: list[str] | None = None) -> None:
         prog="cifar-accel loader-speed", description="Images/s of the augmented training loader alone, one epoch."
     )
     parser.add_argument(
-        "--max_train_samples", type=_whole_number(1, UNBOUNDED), default=None, help="use only the first N examples"
+        "--max_train_samples",
+        type=_whole_number(1, UNBOUNDED),
+        default=None,
+        help="N examples at random (seed 0, as train)",
     )
     parser.add_argument("--cutout", type=_whole_number(0, 31), default=0, help="cutout square side in pixels (0: off)")
     _data_arguments(parser)

@@ -94,8 +94,8 @@ class TrainConfig:
     label_column: str | None = _option(None, "label column (default: detect 'label' or 'fine_label')")
     train_split: str = _option("train", "split to train on")
     eval_split: str = _option("test", "split to evaluate on after every epoch")
-    max_train_samples: int | None = _option(None, "use only the first N training examples")
-    max_eval_samples: int | None = _option(None, "use only the first N evaluation examples")
+    max_train_samples: int | None = _option(None, "train on N examples drawn at random (seed 0, the same every run)")
+    max_eval_samples: int | None = _option(None, "evaluate on N examples drawn at random (seed 0, the same every run)")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
     image_size: int | None = _option(None, "resize images of any other size to NxN on load (default: 32x32 only)")
     crop_padding: int = _option(4, "random crops of NxN from images reflect-padded by this many pixels (0: off)")
@@ -448,6 +448,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type)
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
     """A recipe value converted to the setting's type, or a clear error naming both."""
     kind = _base_type(annotation)
+    if kind is dict and isinstance(value, str):  # the JSON text the command line takes, quoted in YAML
+        try:
+            return _parse_json_object(value)
+        except argparse.ArgumentTypeError as error:
+            raise UserError(f"--{name} must be a JSON object: {error}") from None
     if value is None or kind in (dict, Any):
         return value
     try:

@@ -123,8 +123,8 @@ class NonFiniteLossWatch:
             step = int(steps.min()) - 1
             raise UserError(
                 f"training loss became nan or inf at epoch {step // steps_per_epoch + 1}, step "
-                f"{step % steps_per_epoch + 1}; the last checkpoint is kept; lower --learning_rate, "
-                "or use --mixed_precision no"
+                f"{step % steps_per_epoch + 1}; checkpoints saved before it are kept; lower --learning_rate"
+                + ("" if accelerator.mixed_precision == "no" else ", or use --mixed_precision no")
             )
 
 

@@ -174,11 +174,17 @@ def build_model_card(
     model_name = repo_id.split("/")[-1] if repo_id else f"{config['architecture']}-{dataset_name}"
     base = settings.get("base_model")  # with --init_from
     on_hub = base is not None and base["revision"] is not None
-    # Say what the number is: of the first n images only, and/or of the split that chose the epoch.
+    # Say what the number is: of part of the split only, and/or of the split that chose the epoch. A run records
+    # subset_seed since --max_eval_samples draws at random; before, it took the first n images.
     partial = settings.get("max_eval_samples") is not None
-    split = f"{final['split']}[:{final['n']}]" if partial else final["split"]
+    drawn = partial and settings.get("subset_seed") is not None
+    split = f"{final['split']}[:{final['n']}]" if partial and not drawn else final["split"]
     chosen_on_it = results["selected_by"] == final["split"]
-    metric_name = "Top-1 accuracy" + (" (best epoch chosen on this split)" if chosen_on_it else "")
+    metric_name = (
+        "Top-1 accuracy"
+        + (f" on {final['n']:,} images drawn at random" if drawn else "")
+        + (" (best epoch chosen on this split)" if chosen_on_it else "")
+    )
     # The card's name and the commit trained on, when the run loaded this very Hub dataset (not a local copy).
     trained_on_it = dataset_id == settings["dataset"]
     evaluation = EvalResult(
@@ -215,7 +221,9 @@ def build_model_card(
         if on_hub:
             where = f"`{base['source']}` at revision `{base['revision']}`"
         started_from = f" It started from {where}, a {base['num_classes']}-class model."
-    images = f"the first {final['n']:,} images" if partial else f"{final['n']:,} images"
+    images = f"{final['n']:,} images"
+    if partial:
+        images = f"{images} drawn at random (seed {settings['subset_seed']})" if drawn else f"the first {images}"
     chose = " (the split that chose the best epoch)" if chosen_on_it else ""
     body = (
         f"# {model_name}\n\n`{config['architecture']}` trained on `{dataset_name}` with cifar_accel: "

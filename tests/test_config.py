@@ -241,6 +241,15 @@ def test_a_yaml_merge_key_may_still_override_what_it_merges(tmp_path):
     assert parse_train_args(["--recipe", str(settings)]).model_args == {"conv_dropout": 0.2}
 
 
+def test_model_args_in_a_settings_file_may_be_the_json_text_the_command_line_takes(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("model: bn_cnn\nmodel_args: '{\"conv_dropout\": 0.1}'\n")
+    assert parse_train_args(["--recipe", str(settings)]).model_args == {"conv_dropout": 0.1}
+    settings.write_text("model: bn_cnn\nmodel_args: '[0.1]'\n")
+    with pytest.raises(UserError, match="--model_args must be a JSON object"):
+        parse_train_args(["--recipe", str(settings)])
+
+
 def test_unknown_recipe_lists_the_shipped_ones():
     with pytest.raises(UserError, match="unknown recipe 'fastest'; choose one of: .*resnet18"):
         parse_train_args(["--recipe", "fastest"])

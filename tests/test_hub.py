@@ -318,19 +318,27 @@ def test_a_model_pushed_to_the_hub_is_fine_tuned_by_repo_id_and_the_card_names_i
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "simple_cnn", result.stderr[-3000:]
 
 
-def test_a_card_of_part_of_a_split_says_so_in_its_metadata_and_headline(run_dir, tmp_path):
+@pytest.mark.parametrize("subset_seed", [0, None], ids=["drawn at random", "first rows (recorded before seeds)"])
+def test_a_card_of_part_of_a_split_says_so_in_its_metadata_and_headline(run_dir, tmp_path, subset_seed):
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
     settings = json.loads((partial / "train_config.json").read_text())
-    (partial / "train_config.json").write_text(json.dumps({**settings, "max_eval_samples": 50}))
+    settings.update(max_eval_samples=50, subset_seed=subset_seed)
+    (partial / "train_config.json").write_text(json.dumps(settings))
     results = json.loads((partial / "results.json").read_text())
     results["final_metrics"]["n"] = 50
     (partial / "results.json").write_text(json.dumps(results))
     card = ModelCard(str(build_model_card(partial, "alice/colours", "uoft-cs/cifar10")))
     [evaluation] = card.data.eval_results
-    assert evaluation.dataset_split == "test[:50]"
     assert evaluation.dataset_revision is None  # trained on a local copy: no Hub commit to name
-    assert "top-1 on the first 50 images of its `test` split (the split that chose the best epoch)." in card.text
+    if subset_seed is None:
+        assert evaluation.dataset_split == "test[:50]"
+        images = "the first 50 images"
+    else:
+        assert evaluation.dataset_split == "test"
+        assert evaluation.metric_name.startswith("Top-1 accuracy on 50 images drawn at random")
+        images = "50 images drawn at random (seed 0)"
+    assert f"top-1 on {images} of its `test` split (the split that chose the best epoch)." in card.text
 
 
 def test_the_card_says_how_to_install_cifar_accel_from_the_repository_its_packaging_names(monkeypatch):
