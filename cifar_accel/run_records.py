@@ -51,6 +51,19 @@ RESULT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{f"timing.{name}": NON_NEGATIVE for name in ("total_seconds", "speed_run_seconds", "images_per_second")},
 }
 
+# What the readers show of train_config.json, likewise.
+SETTING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": TEXT,
+    "recipe": (lambda value: value is None or isinstance(value, str), "null or a string"),
+    "dataset": TEXT,
+    "epochs": (lambda value: _is_number(value) and value > 0, "a number greater than 0"),
+    "num_processes": (lambda value: _is_count(value) and value >= 1, "a whole number of at least 1"),
+    "max_eval_samples": (lambda value: value is None or _is_count(value), "null or a whole number"),
+    "subset_seed": (lambda value: value is None or _is_count(value), "null or a whole number"),
+    "environment.device": TEXT,
+}
+EPOCH_FIELDS = {"epoch": COUNT, "eval_top1": FRACTION, "ema_eval_top1": FRACTION, "train_loss": NON_NEGATIVE}
+
 
 @dataclass
 class FinishedRun:
@@ -86,21 +99,29 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
         raise UserError(f"cannot read the run in {run_dir}: metrics.jsonl is not valid JSON lines ({error})") from None
     if not all(isinstance(record, dict) for record in records):
         raise UserError(f"cannot read the run in {run_dir}: a line of metrics.jsonl is not a JSON object")
+    check_fields(settings, paths[0], SETTING_FIELDS)
     check_results(results, paths[1])
+    for line, record in enumerate(records, start=1):
+        check_fields(record, paths[2], EPOCH_FIELDS, where=f"line {line}: ")
     return FinishedRun(settings, results, records)
+
+
+def check_fields(record: dict, path: Path, fields: dict, where: str = "") -> None:
+    """Each (dotted) field of ``fields`` present in ``record`` is of its kind."""
+    for field, (is_valid, expected) in fields.items():
+        *sections, name = field.split(".")
+        container = record
+        for section in sections:
+            container = container.get(section, {})
+            if not isinstance(container, dict):
+                raise UserError(f"{path}: {where}{section} must be a JSON object, got {container!r:.60}")
+        if name in container and not is_valid(container[name]):
+            raise UserError(f"{path}: {where}{field} must be {expected}, got {container[name]!r:.60}")
 
 
 def check_results(results: dict, path: Path) -> None:
     """Each field of ``RESULT_FIELDS`` present in ``results`` is of its kind, and so is each class's accuracy."""
-    for field, (is_valid, expected) in RESULT_FIELDS.items():
-        *sections, name = field.split(".")
-        container = results
-        for section in sections:
-            container = container.get(section, {})
-            if not isinstance(container, dict):
-                raise UserError(f"{path}: {section} must be a JSON object, got {container!r:.60}")
-        if name in container and not is_valid(container[name]):
-            raise UserError(f"{path}: {field} must be {expected}, got {container[name]!r:.60}")
+    check_fields(results, path, RESULT_FIELDS)
     per_class = results.get("final_metrics", {}).get("per_class_top1", {})
     if not isinstance(per_class, dict):
         raise UserError(f"{path}: final_metrics.per_class_top1 must be a JSON object, got {per_class!r:.60}")

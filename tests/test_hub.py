@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cifar_accel import ImageClassifier, get_model, load_model
+from cifar_accel.cli import main
 from cifar_accel.errors import UserError
 from cifar_accel.hub import push_run
 from cifar_accel.model_card import build_model_card
@@ -375,24 +376,35 @@ def test_a_card_names_the_hub_commit_and_dataset_name_its_run_trained_on(run_dir
     [
         ("truncated", "cannot read the run in {run}: results.json is not valid JSON (Unterminated string"),
         ("top1 'high'", "{run}/results.json: final_metrics.top1 must be a fraction from 0 to 1, got 'high'"),
+        ("model 5", "{run}/train_config.json: model must be a string, got 5"),
+        ("eval_top1 'x'", "{run}/metrics.jsonl: line 1: eval_top1 must be a fraction from 0 to 1, got 'x'"),
     ],
 )
-def test_push_refuses_a_run_whose_results_are_broken_in_the_line_compare_gives(run_dir, tmp_path, damage, message):
+def test_push_refuses_a_run_whose_results_are_broken_in_the_line_compare_gives(
+    run_dir, tmp_path, capsys, damage, message
+):
     broken = shutil.copytree(run_dir, tmp_path / "broken")
     text = (broken / "results.json").read_text()
     if damage == "truncated":
         (broken / "results.json").write_text(text[: text.index('"top1"') + 3])
-    else:
+    elif damage == "top1 'high'":
         results = json.loads(text)
         results["final_metrics"]["top1"] = "high"
         (broken / "results.json").write_text(json.dumps(results))
+    elif damage == "model 5":
+        settings = json.loads((broken / "train_config.json").read_text())
+        (broken / "train_config.json").write_text(json.dumps({**settings, "model": 5}))
+    else:
+        first, *rest = (broken / "metrics.jsonl").read_text().splitlines()
+        (broken / "metrics.jsonl").write_text("\n".join([json.dumps({**json.loads(first), "eval_top1": "x"}), *rest]))
     before = _snapshot(broken)
     for command in (
         ["push", "--run_dir", str(broken), "--repo_id", "alice/x", "--token", ALICE],
         ["compare", str(broken)],
     ):
-        result = run_command(cifar_accel_command(*command))
-        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
-        assert errors[0].startswith(f"error: {message.format(run=broken)}") and "Traceback" not in result.stderr
+        with pytest.raises(SystemExit) as exit_info:  # the console script's own entry point, in-process
+            main(command)
+        assert exit_info.value.code == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {message.format(run=broken)}")
     assert _snapshot(broken) == before
