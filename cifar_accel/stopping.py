@@ -75,8 +75,8 @@ class AbandonPoints:
     """Places inside a step where a requested stop ends it at once: before each leaf module's forward
     and after its gradient in the backward pass, never inside an optimizer update.
 
-    A forward or backward pass is a long call into C++ in which Python's own signal handling cannot
-    act; module and tensor hooks are short returns to Python inside it. They cost a few microseconds
+    A forward or backward pass is a long call into C++, and Python runs a signal's handler only between
+    its own instructions; module and tensor hooks are short returns to Python inside that call. They cost a few microseconds
     per layer, nothing against a CPU step, too much for a GPU speed run, and cannot stop a compiled
     graph: ``engine`` attaches them where steps are slow.
     """
