@@ -91,6 +91,12 @@ def manifest_problem(folder: Path) -> str | None:
         return f"it has no {MANIFEST_FILE} (written incompletely, or by an older cifar_accel)"
     except (OSError, ValueError, KeyError, TypeError) as error:
         return f"its {MANIFEST_FILE} is unreadable ({error})"
+    well_formed = isinstance(expected, dict) and all(
+        isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+        for entry in expected.values()
+    )
+    if not well_formed:
+        return f"its {MANIFEST_FILE} does not list files with their size and sha256"
     present = {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()} - {MANIFEST_FILE}
     for name in sorted(set(expected) - present):
         return f"{name} is missing"
@@ -287,7 +293,25 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[TrainingProgr
     except (RuntimeError, ValueError, KeyError, OSError, SafetensorError, pickle.UnpicklingError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot resume from {path}: {first_line}") from None
-    return TrainingProgress(**_saved_run(path)["progress"]), tensors
+    return _progress(path), tensors
+
+
+def _progress(path: Path) -> TrainingProgress:
+    """The saved position, each field of its kind: the manifest guards against accidents, not a hand edit."""
+    saved = _saved_run(path).get("progress")
+    kinds = {"epoch": int, "step_in_epoch": int, "global_step": int, "epoch_learning_rate": (int, float),
+             "records": list, "best": dict}  # fmt: skip
+    well_formed = (
+        isinstance(saved, dict)
+        and set(saved) == set(kinds)
+        and all(isinstance(saved[name], kind) and not isinstance(saved[name], bool) for name, kind in kinds.items())
+        and saved["epoch"] >= 1
+        and min(saved["step_in_epoch"], saved["global_step"]) >= 0
+        and all(isinstance(record, dict) for record in saved["records"])
+    )
+    if not well_formed:
+        raise UserError(f"cannot resume from {path}: its {PROGRESS_FILE} does not hold a run's position")
+    return TrainingProgress(**saved)
 
 
 def with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

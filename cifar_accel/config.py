@@ -255,6 +255,8 @@ class TrainConfig:
             raise UserError(f"{flag} runs per image in the torch loader's workers; use --data_loader torch")
         if not self.dataset.strip():
             raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
+        if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
+            raise UserError("--resume_from_checkpoint must be 'latest' or a checkpoint folder, got an empty string")
         from cifar_accel.files import check_writable_folder
 
         check_writable_folder(self.output_dir, "--output_dir")

@@ -699,6 +699,8 @@ def finish_run(run: Run, stop: StopRequest) -> dict:
     results: dict[str, Any] = {"num_processes": accelerator.num_processes}
     if selecting:
         run.model.load_state_dict(run.best_state)
+        if run.folder and not (run.folder.best_model_dir / "model.safetensors").is_file():
+            save_best_model(run)  # a checkpoint resumed in another --output_dir chose its best epoch before it
     final_split, final_data = data.selection_split, data.evaluation
     if data.test is not None:
         # A validation hold-out chose the epoch; report the chosen model on the untouched split.

@@ -193,9 +193,45 @@ def test_a_checkpoint_copied_out_of_its_run_needs_the_folder_to_continue_in(fini
     with pytest.raises(UserError, match="is not in a run's checkpoints/ folder; name the folder the run continues in"):
         parse_train_args(["--resume_from_checkpoint", str(copy)])
     continued = tmp_path / "continued"
-    assert parse_train_args(["--resume_from_checkpoint", str(copy), "--output_dir", str(continued)]).output_dir == (
-        str(continued)
-    )
+    config = parse_train_args(["--resume_from_checkpoint", str(copy), "--output_dir", str(continued)])
+    assert config.output_dir == str(continued)
+    # Its best epoch came before the checkpoint, in the first folder: the new one gets the model all the same.
+    results = engine.train(config)
+    assert results["final_metrics"] == json.loads((finished_run / "results.json").read_text())["final_metrics"]
+    assert (continued / "best" / "model.safetensors").read_bytes() == (
+        finished_run / "best" / "model.safetensors"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ("manifest lists no files", "its manifest.json does not list files with their size and sha256"),
+        ("position edited, manifest forged", "its progress.json does not hold a run's position"),
+    ],
+)
+def test_a_hand_edited_checkpoint_is_refused_in_one_line(finished_run, colour_dataset, tmp_path, damage, problem):
+    from cifar_accel.checkpoint import write_manifest
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    checkpoint = run_dir / "checkpoints" / "step_4"
+    if damage == "manifest lists no files":
+        (checkpoint / "manifest.json").write_text('{"files": 5}')
+    else:
+        saved = json.loads((checkpoint / "progress.json").read_text())
+        saved["progress"]["step_in_epoch"] = "abc"
+        (checkpoint / "progress.json").write_text(json.dumps(saved))
+        write_manifest(checkpoint)
+    with pytest.raises(UserError, match=f"cannot resume from {checkpoint}: {problem}"):
+        engine.train(parse_train_args(["--output_dir", str(run_dir), "--resume_from_checkpoint", str(checkpoint)]))
+
+
+def test_an_empty_checkpoint_name_is_refused_not_taken_for_a_fresh_run(colour_dataset, tmp_path):
+    with pytest.raises(
+        UserError, match="--resume_from_checkpoint must be 'latest' or a checkpoint folder, got an empty"
+    ):
+        parse_train_args(train_flags(colour_dataset, tmp_path / "run", "--resume_from_checkpoint", ""))
 
 
 def test_a_resume_follows_its_data_to_another_path_and_refuses_other_data(finished_run, colour_dataset, tmp_path):
