@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from cifar_accel.checkpoint import checkpoint_folders
 from cifar_accel.config import RUN_CONFIG_FILE
 from cifar_accel.errors import UserError
 from cifar_accel.files import FolderLock, remove_tree, write_json, write_text
@@ -84,10 +85,14 @@ def refuse_existing_run(output_dir: str | Path) -> None:
     """A run's files are never replaced by accident."""
     found = [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
     if found:
+        # A run stopped before its first checkpoint was complete has nothing to continue from.
+        resumable = bool(checkpoint_folders(output_dir))
         raise UserError(
             f"--output_dir {output_dir} already holds a run ({', '.join(found)}); pass --overwrite_output_dir "
-            "to replace it, --resume_from_checkpoint latest to continue it, or another --output_dir"
-        )
+            + ("to replace it, --resume_from_checkpoint latest to continue it, " if resumable else
+               "to replace it (it has no complete checkpoint to continue from) ")
+            + "or another --output_dir"
+        )  # fmt: skip
 
 
 REPLACED_RUN = ".replaced_run"

@@ -99,6 +99,8 @@ def read_finished_run(run_dir: str | Path) -> FinishedRun:
         raise UserError(f"cannot read the run in {run_dir}: metrics.jsonl is not valid JSON lines ({error})") from None
     if not all(isinstance(record, dict) for record in records):
         raise UserError(f"cannot read the run in {run_dir}: a line of metrics.jsonl is not a JSON object")
+    if not records:  # a finished run logged at least one epoch
+        raise UserError(f"cannot read the run in {run_dir}: metrics.jsonl holds no epoch")
     check_fields(settings, paths[0], SETTING_FIELDS)
     check_results(results, paths[1])
     for line, record in enumerate(records, start=1):

@@ -378,6 +378,7 @@ def test_a_card_names_the_hub_commit_and_dataset_name_its_run_trained_on(run_dir
         ("top1 'high'", "{run}/results.json: final_metrics.top1 must be a fraction from 0 to 1, got 'high'"),
         ("model 5", "{run}/train_config.json: model must be a string, got 5"),
         ("eval_top1 'x'", "{run}/metrics.jsonl: line 1: eval_top1 must be a fraction from 0 to 1, got 'x'"),
+        ("no epoch", "cannot read the run in {run}: metrics.jsonl holds no epoch"),
     ],
 )
 def test_push_refuses_a_run_whose_results_are_broken_in_the_line_compare_gives(
@@ -394,6 +395,8 @@ def test_push_refuses_a_run_whose_results_are_broken_in_the_line_compare_gives(
     elif damage == "model 5":
         settings = json.loads((broken / "train_config.json").read_text())
         (broken / "train_config.json").write_text(json.dumps({**settings, "model": 5}))
+    elif damage == "no epoch":
+        (broken / "metrics.jsonl").write_text("")
     else:
         first, *rest = (broken / "metrics.jsonl").read_text().splitlines()
         (broken / "metrics.jsonl").write_text("\n".join([json.dumps({**json.loads(first), "eval_top1": "x"}), *rest]))

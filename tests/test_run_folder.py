@@ -288,3 +288,16 @@ def test_max_train_steps_trains_that_many_updates_and_records_the_epochs_they_ma
     assert [record["train_examples"] for record in records] == [256, 128]
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["epochs"] == 1.5
     assert results["best_metrics"]["epoch"] == results["best_epoch"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_refused_without_advice_to_resume_it(colour_dataset, tmp_path):
+    """A launcher's SIGKILL can end a run before its first checkpoint is complete: only replacing it is possible."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ".incomplete-step_1").mkdir(parents=True)
+    (run_dir / "train_config.json").write_text("{}")
+    with pytest.raises(UserError) as refused:
+        engine.train(parse_train_args(train_flags(colour_dataset, run_dir)))
+    assert "pass --overwrite_output_dir to replace it (it has no complete checkpoint to continue from)" in str(
+        refused.value
+    )
+    assert "--resume_from_checkpoint" not in str(refused.value)
