@@ -73,10 +73,6 @@ FLOAT32_TINY = 2.0**-126  # the smallest normal float32
 FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     metadata = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
@@ -295,30 +291,23 @@ class TrainConfig:
 
     def _check_model(self) -> None:
         """Build the network without memory (meta device), so bad --model_args are refused before any work."""
-        import torch
-
-        from cifar_accel.models import get_model, list_models
+        from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
 
         if self.model not in list_models():
             raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
+        side = self.image_side if self.image_side != IMAGE_SIDE else None
         try:
-            with torch.device("meta"):
-                model = get_model(self.model, num_classes=10, **self.model_args)
+            check_buildable(self.model, 10, self.model_args, side)
         except UserError as error:  # an argument the model does not take
             raise UserError(f"--model_args {json.dumps(self.model_args)}: {error}") from None
-        except Exception as error:  # whatever the constructor raises for values it cannot take
+        except NotBuildable as error:
             raise UserError(
-                f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({_first_line(error)})"
+                f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({error})"
             ) from None
-        if self.image_side != IMAGE_SIDE:  # shapes only, on the meta device: the head must fit what the body gives
-            try:
-                model.eval()(torch.zeros(2, 3, self.image_side, self.image_side, device="meta"))
-            except Exception as error:
-                side = self.image_side
-                raise UserError(
-                    f"--model {self.model} cannot take {side}x{side} images ({_first_line(error)}); "
-                    "the resnets take any --image_size"
-                ) from None
+        except SideNotTaken as error:
+            raise UserError(
+                f"--model {self.model} cannot take {side}x{side} images ({error}); the resnets take any --image_size"
+            ) from None
 
     @property
     def image_side(self) -> int:

@@ -23,7 +23,7 @@ from cifar_accel import __version__
 from cifar_accel.config import IMAGE_SIDE, RANGES
 from cifar_accel.errors import UserError
 from cifar_accel.files import write_atomically, write_json
-from cifar_accel.models import get_model, list_models
+from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -157,32 +157,20 @@ def check_model_config(config: dict, path: Path) -> None:
     _check_network(config, path, side)
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def _check_network(config: dict, path: Path, side: int) -> None:
     """The network the config describes is built, and given images of its side, without memory (meta device):
     arguments it does not take, or a side its classifier does not fit, are refused before any weights load."""
-    architecture = config["architecture"]
-    with torch.device("meta"):
-        try:
-            network = get_model(architecture, num_classes=config["num_classes"], **config["model_args"])
-        except UserError as error:  # an argument the architecture does not take, or a value of the wrong type
-            raise UserError(f"{path}: model_args: {error}") from None
-        except Exception as error:  # whatever the constructor raises for values it cannot take
-            raise UserError(
-                f"{path}: model_args {json.dumps(config['model_args'])} cannot build {architecture} "
-                f"({_first_line(error)})"
-            ) from None
-        if side != IMAGE_SIDE:  # every architecture takes 32x32 images; the resnets take any side
-            try:
-                network.eval()(torch.zeros(2, CHANNELS, side, side))
-            except Exception as error:
-                raise UserError(
-                    f"{path}: architecture {architecture!r} cannot take {side}x{side} images (image_size {side}; "
-                    f"{_first_line(error)})"
-                ) from None
+    architecture, model_args = config["architecture"], config["model_args"]
+    try:  # every architecture takes 32x32 images; the resnets take any side
+        check_buildable(architecture, config["num_classes"], model_args, side if side != IMAGE_SIDE else None)
+    except UserError as error:  # an argument the architecture does not take, or a value of the wrong type
+        raise UserError(f"{path}: model_args: {error}") from None
+    except NotBuildable as error:
+        raise UserError(f"{path}: model_args {json.dumps(model_args)} cannot build {architecture} ({error})") from None
+    except SideNotTaken as error:
+        raise UserError(
+            f"{path}: architecture {architecture!r} cannot take {side}x{side} images (image_size {side}; {error})"
+        ) from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

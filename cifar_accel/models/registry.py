@@ -4,6 +4,7 @@ import inspect
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from cifar_accel.errors import UserError
@@ -44,6 +45,36 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
             kind = getattr(expected, "__name__", expected)
             raise UserError(f"model argument {argument} must be a finite {kind}, got {value!r}")
     return builder(num_classes=num_classes, **kwargs)
+
+
+class NotBuildable(Exception):
+    """The builder raised for these arguments; the message is the first line of what it raised."""
+
+
+class SideNotTaken(Exception):
+    """The network cannot take images of that side; the message is the first line of what it raised."""
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def check_buildable(name: str, num_classes: int, model_args: dict, side: int | None = None) -> None:
+    """Build the network without memory (meta device) and, with ``side``, pass it images of that side, so that
+    what cannot work is refused before any data or weights load. Raises ``UserError`` for an argument the
+    builder does not take, ``NotBuildable`` for one it cannot build with, ``SideNotTaken`` for the side."""
+    with torch.device("meta"):
+        try:
+            network = get_model(name, num_classes=num_classes, **model_args)
+        except UserError:
+            raise
+        except Exception as error:  # whatever the constructor raises for values it cannot take
+            raise NotBuildable(_first_line(error)) from None
+        if side is not None:  # shapes only: the head must fit what the body gives
+            try:
+                network.eval()(torch.zeros(2, 3, side, side))
+            except Exception as error:
+                raise SideNotTaken(_first_line(error)) from None
 
 
 def _fits(value: object, expected: object) -> bool:
