@@ -5,31 +5,27 @@ or hand-edited record is refused by each of them in the same one line, before an
 """
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cifar_accel.errors import UserError
+from cifar_accel.values import is_finite_number, is_whole_number
 
 RUN_RECORDS = ("train_config.json", "results.json", "metrics.jsonl")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_fraction(value: Any) -> bool:
-    return _is_number(value) and 0 <= value <= 1
+    return is_finite_number(value) and 0 <= value <= 1
 
 
 def _is_non_negative(value: Any) -> bool:
-    return _is_number(value) and value >= 0
+    return is_finite_number(value) and value >= 0
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_whole_number(value) and value >= 0
 
 
 FRACTION = (_is_fraction, "a fraction from 0 to 1")
@@ -56,7 +52,7 @@ SETTING_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model": TEXT,
     "recipe": (lambda value: value is None or isinstance(value, str), "null or a string"),
     "dataset": TEXT,
-    "epochs": (lambda value: _is_number(value) and value > 0, "a number greater than 0"),
+    "epochs": (lambda value: is_finite_number(value) and value > 0, "a number greater than 0"),
     "num_processes": (lambda value: _is_count(value) and value >= 1, "a whole number of at least 1"),
     "max_eval_samples": (lambda value: value is None or _is_count(value), "null or a whole number"),
     "subset_seed": (lambda value: value is None or _is_count(value), "null or a whole number"),

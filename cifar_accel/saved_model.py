@@ -9,7 +9,6 @@ training checkpoints, for resuming, are in ``checkpoint.py``.)
 """
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from cifar_accel.config import IMAGE_SIDE, RANGES
 from cifar_accel.errors import UserError
 from cifar_accel.files import write_atomically, write_json
 from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
+from cifar_accel.values import is_finite_number, is_whole_number
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -107,14 +107,6 @@ def _invalid(path: Path, field: str, expected: str, value: Any) -> UserError:
     return UserError(f"{path}: {field} must be {expected}, got {shown if len(shown) <= 80 else shown[:77] + '...'}")
 
 
-def _is_whole_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int
-
-
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_model_config(config: dict, path: Path) -> None:
     """Each field of a config that holds every key: what a malformed one would break is named in the refusal."""
     architecture, model_args = config["architecture"], config["model_args"]
@@ -126,7 +118,7 @@ def check_model_config(config: dict, path: Path) -> None:
     if not isinstance(model_args, dict):
         raise _invalid(path, "model_args", "a JSON object of the architecture's arguments", model_args)
     num_classes, class_names = config["num_classes"], config["class_names"]
-    if not _is_whole_number(num_classes) or num_classes < 1:
+    if not is_whole_number(num_classes) or num_classes < 1:
         raise _invalid(path, "num_classes", "a whole number of at least 1", num_classes)
     if (
         not isinstance(class_names, list)
@@ -141,13 +133,13 @@ def check_model_config(config: dict, path: Path) -> None:
         if not (
             isinstance(values, list)
             and len(values) == CHANNELS
-            and all(_is_finite_number(value) and (value > 0 or not positive) for value in values)
+            and all(is_finite_number(value) and (value > 0 or not positive) for value in values)
         ):
             kind = "positive finite numbers" if positive else "finite numbers"
             raise _invalid(path, field, f"a list of {CHANNELS} {kind} (one per RGB channel)", values)
     image_size = config.get("image_size")  # absent from the configs of models saved before --image_size
     in_range, valid = RANGES["image_size"]
-    if image_size is not None and not (_is_whole_number(image_size) and in_range(image_size)):
+    if image_size is not None and not (is_whole_number(image_size) and in_range(image_size)):
         expected = f"null ({IMAGE_SIDE}x{IMAGE_SIDE} images) or a whole number of {valid}"
         raise _invalid(path, "image_size", expected, image_size)
     side = image_size or IMAGE_SIDE

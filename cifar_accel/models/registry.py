@@ -1,13 +1,13 @@
 """Model registry: every architecture is a named builder ``builder(num_classes, **kwargs)``."""
 
 import inspect
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from cifar_accel.errors import UserError
+from cifar_accel.values import is_finite_number, is_whole_number
 
 ModelBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelBuilder] = {}
@@ -80,9 +80,9 @@ def check_buildable(name: str, num_classes: int, model_args: dict, side: int | N
 def _fits(value: object, expected: object) -> bool:
     """A JSON value for a constructor argument annotated ``float`` or ``int``: finite, and not a bool."""
     if expected is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return is_finite_number(value)
     if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_whole_number(value)
     return True  # other annotations (tuples, lists) are left to the constructor
 
 
