@@ -73,6 +73,14 @@ FLOAT32_TINY = 2.0**-126  # the smallest normal float32
 FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127
 
 
+# The --help sections (and the flag reference's): each begins at the named field and runs to the next one's.
+SECTIONS = (
+    ("Recipe", "recipe"), ("Data", "dataset"), ("Augmentation", "crop_padding"), ("Model", "model"),
+    ("Optimisation", "epochs"), ("Evaluation", "tta_level"), ("Hardware", "mixed_precision"), ("Run", "output_dir"),
+    ("Hub", "push_to_hub"),
+)  # fmt: skip
+
+
 def _option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     metadata = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
@@ -94,6 +102,13 @@ class TrainConfig:
     max_eval_samples: int | None = _option(None, "evaluate on N examples drawn at random (seed 0, the same every run)")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
     image_size: int | None = _option(None, "resize images of any other size to NxN on load (default: 32x32 only)")
+    data_loader: str = _option(
+        "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
+    )
+    drop_last: bool = _option(False, "drop each epoch's last incomplete training batch (same-shaped steps)")
+    num_workers: int | None = _option(
+        None, "DataLoader worker processes per device (default: CPU cores / processes, at most 8)"
+    )
     crop_padding: int = _option(4, "random crops of NxN from images reflect-padded by this many pixels (0: off)")
     cutout: int = _option(0, "side in pixels of the random square erased from each training image (0: off)")
     auto_augment: str | None = _option(
@@ -103,14 +118,7 @@ class TrainConfig:
     random_erasing: float = _option(0.0, "torch loader: probability of erasing a random rectangle (v2 RandomErasing)")
     mixup: float = _option(0.0, "alpha of v2 MixUp on each training batch, trained on the soft targets (0: off)")
     cutmix: float = _option(0.0, "alpha of v2 CutMix on each training batch; with --mixup, one of the two per batch")
-    data_loader: str = _option(
-        "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
-    )
     alternating_flip: bool = _option(False, "flip a random half of the images in even epochs, the rest in odd ones")
-    drop_last: bool = _option(False, "drop each epoch's last incomplete training batch (same-shaped steps)")
-    num_workers: int | None = _option(
-        None, "DataLoader worker processes per device (default: CPU cores / processes, at most 8)"
-    )
     # Model
     model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
     init_from: str | None = _option(
@@ -154,8 +162,8 @@ class TrainConfig:
         0.0, "decay of a moving average of the weights, evaluated beside them; the better is kept (0: off)"
     )
     lookahead: bool = _option(False, "every 5 steps pull the weights to an EMA of themselves (airbench's lookahead)")
-    tta_level: int = _option(0, "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + 1-px shifts")
     gradient_accumulation_steps: int = _option(1, "steps whose gradients are summed before an update")
+    tta_level: int = _option(0, "test-time augmentation of the final evaluation: 0 none, 1 flip, 2 flip + 1-px shifts")
     eval_strategy: str = _option(
         "epoch", "epoch: evaluate every --eval_epochs epochs and keep the best; no: only the last model, at the end",
         EVAL_STRATEGIES,
@@ -330,6 +338,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def settings_by_section() -> dict[str, list[dataclasses.Field]]:
+    """``TrainConfig``'s fields under their ``SECTIONS`` title, in field order."""
+    starts = {first: title for title, first in SECTIONS}
+    sections: dict[str, list[dataclasses.Field]] = {}
+    title = SECTIONS[0][0]
+    for setting in dataclasses.fields(TrainConfig):
+        title = starts.get(setting.name, title)
+        sections.setdefault(title, []).append(setting)
+    return sections
 
 
 def _is_instance(value: Any, kind: type) -> bool:
