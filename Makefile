@@ -5,7 +5,7 @@ DATASET ?= uoft-cs/cifar10
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: train test smoke benchmarks-quick lint lock clean
+.PHONY: train test test-slow smoke benchmarks-quick lint docs lock clean
 
 # The exact versions the suite was run with (requirements.lock), then the package itself, editable, adding nothing.
 # Reinstalled whenever the lock or the package metadata changes.
@@ -25,8 +25,13 @@ lock: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(BIN)/accelerate launch --quiet --config_file accelerate_config.yaml train.py --dataset $(DATASET) $(ARGS)
 
+# The suite less the tests marked slow (under 10 minutes on 2 cores); CI runs both.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15 tests
+
+# What launches several processes or signals whole process groups (accelerate launch, SIGTERM, Ctrl-C).
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow --durations=15 tests
 
 # A short real-data training that must reach a measured accuracy floor (run by .ci/run).
 smoke: $(VENV)/.installed
@@ -40,8 +45,15 @@ benchmarks-quick: $(VENV)/.installed
 	$(BIN)/python benchmarks/time_to_accuracy.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10) \
 		--results_dir $(or $(TMPDIR),/tmp)
 
+# Style, then the import contracts of setup.cfg (no cycle; each layer imports only those below it).
 lint: $(VENV)/.installed
-	$(BIN)/ruff check cifar_accel tests benchmarks train.py push_model.py
+	$(BIN)/ruff check cifar_accel tests benchmarks tools train.py push_model.py
+	$(BIN)/ruff format --check cifar_accel tests benchmarks tools train.py push_model.py
+	$(BIN)/lint-imports
+
+# The documentation site (mkdocs.yml, docs/), built with --strict so that a broken link or page fails.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(or $(TMPDIR),/tmp)/cifar_accel_site
 
 clean:
 	rm -rf $(VENV) output

@@ -40,10 +40,11 @@ import accelerate
 import datasets
 import torch
 
-from cifar_accel.config import TrainConfig, parse_train_args
+from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data
 from cifar_accel.engine import train
 from cifar_accel.recipes import list_recipes
+from cifar_accel.settings import parse_train_args
 
 RESULTS_DIRECTORY = Path(__file__).parent / "results"
 SETTINGS_RECORDED = (

@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from cifar_accel.config import SCHEDULER_ALIASES
 from cifar_accel.errors import UserError
 from cifar_accel.files import as_os_error, write_json
+from cifar_accel.run_files import CHECKPOINTS_FOLDER
 from cifar_accel.saved_model import on_cpu
 
-CHECKPOINTS_DIRECTORY = "checkpoints"
 PROGRESS_FILE = "progress.json"
 TENSORS_FILE = "progress.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -60,7 +60,7 @@ class TrainingProgress:
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     """The run's finished checkpoints (those with a manifest), oldest first."""
-    root = Path(output_dir) / CHECKPOINTS_DIRECTORY
+    root = Path(output_dir) / CHECKPOINTS_FOLDER
     folders = [
         folder
         for folder in root.glob(f"{PREFIX}*")
@@ -119,7 +119,7 @@ def find_checkpoint(value: str, output_dir: str | Path, verify: bool = True) -> 
         folders = checkpoint_folders(output_dir)
         if not folders:
             raise UserError(
-                f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIRECTORY}; "
+                f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_FOLDER}; "
                 "pass a checkpoint folder, or train with --checkpointing_steps N|epoch to make some"
             )
         notes = []
@@ -134,7 +134,7 @@ def find_checkpoint(value: str, output_dir: str | Path, verify: bool = True) -> 
         problem = "does not exist" if not path.exists() else f"is not a checkpoint (no {PROGRESS_FILE})"
         raise UserError(
             f"--resume_from_checkpoint {value!r} {problem}; pass 'latest' or a folder such as "
-            f"{Path(output_dir) / CHECKPOINTS_DIRECTORY / (PREFIX + '100')}"
+            f"{Path(output_dir) / CHECKPOINTS_FOLDER / (PREFIX + '100')}"
         )
     problem = manifest_problem(path) if verify else None
     if problem:
@@ -177,9 +177,9 @@ def resume_settings(requested: dict, default_output_dir: str) -> dict:
             f"checkpoint {checkpoint} continues a run trained with {'; '.join(differences)}; a resume restores "
             "every setting, so drop these flags, or start a new run in another --output_dir"
         )
-    if not output_dir and checkpoint.resolve().parent.name != CHECKPOINTS_DIRECTORY:
+    if not output_dir and checkpoint.resolve().parent.name != CHECKPOINTS_FOLDER:
         raise UserError(
-            f"checkpoint {checkpoint} is not in a run's {CHECKPOINTS_DIRECTORY}/ folder; name the folder the run "
+            f"checkpoint {checkpoint} is not in a run's {CHECKPOINTS_FOLDER}/ folder; name the folder the run "
             "continues in with --output_dir"
         )
     changes = {name: value for name, value in requested.items() if name in RESUME_MAY_CHANGE}
@@ -256,7 +256,7 @@ def save_checkpoint(
     ``run`` (architecture, settings, number of processes) is what a resume restores and checks.
     If saving fails (a full disk), the incomplete folder is removed and the earlier checkpoints stay.
     """
-    root = Path(output_dir) / CHECKPOINTS_DIRECTORY
+    root = Path(output_dir) / CHECKPOINTS_FOLDER
     final = root / f"{PREFIX}{progress.global_step}"
     temporary = root / f".incomplete-{final.name}"
     if accelerator.is_main_process:

@@ -14,10 +14,10 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from cifar_accel.config import OneLineErrorParser
 from cifar_accel.errors import EXIT_SYSTEM_REFUSED, EXIT_USER_ERROR, STOP_SIGNALS, StoppedBySignal, UserError
 from cifar_accel.files import describe_os_error
 from cifar_accel.redaction import redact
+from cifar_accel.settings import OneLineErrorParser
 
 
 def _print_line(text: str) -> None:
@@ -68,7 +68,7 @@ def _exit_stopped(stopped: StoppedBySignal) -> typing.NoReturn:
 
 def train_main(argv: list[str] | None = None) -> None:
     """``train.py`` and ``cifar-accel train``: every flag comes from ``TrainConfig``."""
-    from cifar_accel.config import parse_train_args
+    from cifar_accel.settings import parse_train_args
 
     config = _run(lambda: parse_train_args(argv))  # before the heavy imports: --help and bad flags answer at once
     from cifar_accel.engine import train
@@ -127,10 +127,10 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     args = _run(lambda: parser.parse_args(argv))
 
     def evaluate_command() -> None:
+        from cifar_accel.accel import build_accelerator
         from cifar_accel.classifier import load_model
         from cifar_accel.config import TrainConfig
         from cifar_accel.data import load_evaluation_data, make_dataloader
-        from cifar_accel.engine import build_accelerator
         from cifar_accel.loop import evaluate
 
         model = load_model(args.model, args.revision)

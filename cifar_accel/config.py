@@ -1,13 +1,14 @@
-"""Every training setting in one typed dataclass; the command line is generated from it.
+"""Every training setting in one typed dataclass, with what each may be: the bottom of the package.
 
-Each field's ``help`` metadata is its one-line ``--help`` text and ``choices`` limits
-its values. ``parse_train_args`` turns ``argv`` into a validated ``TrainConfig``.
+Each field's ``help`` metadata is its one-line ``--help`` text and ``choices`` limits its values;
+``RANGES`` holds the valid numbers and ``SECTIONS`` the ``--help`` sections. ``TrainConfig.validate``
+looks at the values only. The command line is generated from the dataclass in ``settings``; the checks that
+touch the disk, the installed packages or the Hub are ``preflight``'s. This module imports nothing of the
+package but ``errors``.
 """
 
-import argparse
 import dataclasses
 import itertools
-import json
 import math
 import os
 import types
@@ -261,21 +262,8 @@ class TrainConfig:
             raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
         if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
             raise UserError("--resume_from_checkpoint must be 'latest' or a checkpoint folder, got an empty string")
-        from cifar_accel.files import check_writable_folder
-
-        check_writable_folder(self.output_dir, "--output_dir")
-        self._check_model()
-        if self.push_to_hub:
-            from cifar_accel.hub import check_repo_id, resolve_token
-
-            if not self.hub_model_id:
-                raise UserError("--push_to_hub needs --hub_model_id USER/NAME")
-            check_repo_id(self.hub_model_id, "--hub_model_id")
-            resolve_token()  # refused now rather than after hours of training
-        if self.report_to != "none":
-            from cifar_accel.reporting import tracker_names
-
-            tracker_names(self.report_to)  # a missing package is refused before anything runs
+        if self.push_to_hub and not self.hub_model_id:
+            raise UserError("--push_to_hub needs --hub_model_id USER/NAME")
 
     def _check_optimizer_settings(self) -> None:
         """Settings that another choice would silently ignore are refused."""
@@ -289,33 +277,13 @@ class TrainConfig:
     def _check_types(self) -> None:
         """Settings from a recipe, a saved config or Python code have the type their flag would give."""
         for name, annotation in typing.get_type_hints(TrainConfig).items():
-            value, kind = getattr(self, name), _base_type(annotation)
+            value, kind = getattr(self, name), base_type(annotation)
             optional = type(None) in typing.get_args(annotation)
             if (value is None and optional) or kind is Any or _is_instance(value, kind):
                 continue
             expected = {int: "a whole number", float: "a number", bool: "true or false", str: "text",
                         list: "a list of numbers", dict: "a JSON object"}[kind]  # fmt: skip
             raise UserError(f"--{name} must be {expected}, got {value!r}")
-
-    def _check_model(self) -> None:
-        """Build the network without memory (meta device), so bad --model_args are refused before any work."""
-        from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
-
-        if self.model not in list_models():
-            raise UserError(f"unknown model {self.model!r}; choose one of: {', '.join(list_models())}")
-        side = self.image_side if self.image_side != IMAGE_SIDE else None
-        try:
-            check_buildable(self.model, 10, self.model_args, side)
-        except UserError as error:  # an argument the model does not take
-            raise UserError(f"--model_args {json.dumps(self.model_args)}: {error}") from None
-        except NotBuildable as error:
-            raise UserError(
-                f"--model_args {json.dumps(self.model_args)}: {self.model} cannot be built ({error})"
-            ) from None
-        except SideNotTaken as error:
-            raise UserError(
-                f"--model {self.model} cannot take {side}x{side} images ({error}); the resnets take any --image_size"
-            ) from None
 
     @property
     def image_side(self) -> int:
@@ -361,183 +329,8 @@ def _is_instance(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _parse_json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"dropout\": 0.3}'")
-    return value
-
-
-def _base_type(annotation: Any) -> Any:
+def base_type(annotation: Any) -> Any:
     """``int | None`` -> ``int``, ``list[float]`` -> ``list``; other annotations unchanged."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     return typing.get_origin(annotation) or annotation
-
-
-_METAVARS = {int: "N", float: "X", str: "TEXT"}
-RUN_CONFIG_FILE = "train_config.json"
-# What train_config.json records beside the settings (engine.resolved_settings): derived, not replayed.
-RUN_RECORD_ONLY = (
-    "base_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples", "selection_split",
-    "dataset_fingerprint", "dataset_revision", "dataset_pretty_name", "class_names", "mean", "std", "environment",
-    "subset_seed",
-)  # fmt: skip
-# Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
-NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}
-# The Hugging Face examples' spellings (run_image_classification_no_trainer.py and peers), accepted as ours.
-FLAG_ALIASES = {
-    "dataset": ("--dataset_name",),
-    "dataset_config": ("--dataset_config_name",),
-    "batch_size": ("--per_device_train_batch_size",),
-    "eval_batch_size": ("--per_device_eval_batch_size",),
-    "epochs": ("--num_train_epochs",),
-    "scheduler": ("--lr_scheduler_type",),
-}
-
-
-def _number(kind: type) -> Any:
-    """``int`` or ``float`` for argparse, with an error that says what was expected."""
-
-    def convert(text: str) -> Any:
-        try:
-            if kind is float and text.strip().lstrip("+-").isdigit():
-                return int(text)  # "--epochs 3" stays 3, as "epochs: 3" in a recipe does, in logs and refusals
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
-            ) from None
-
-    return convert
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """Argument errors become a ``UserError``: one line on stderr, no usage dump."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UserError(f"{message} (see --help)")
-
-
-def _one_line_help(prog: str) -> argparse.HelpFormatter:
-    """Option and its help on one line: the longest option here is about 50 characters."""
-    return argparse.HelpFormatter(prog, max_help_position=56, width=176)
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One ``--name`` option per dataclass field, typed and documented from the field."""
-    hints = typing.get_type_hints(config_class)
-    for config_field in dataclasses.fields(config_class):
-        kind = _base_type(hints[config_field.name])
-        default = config_field.default
-        if default is dataclasses.MISSING:
-            default = config_field.default_factory()
-        help_text = config_field.metadata["help"]
-        if default not in (None, {}, []):
-            help_text += f" (default: {default})"
-        options: dict[str, Any] = {"help": help_text}  # the value itself comes from the dataclass
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        elif kind is list:
-            options.update(type=_number(float), nargs="+", metavar="X")
-        elif kind is dict:
-            options.update(type=_parse_json_object, metavar="JSON")
-        else:
-            choices = config_field.metadata["choices"]
-            if choices:
-                options["help"] = f"{help_text}; one of: {', '.join(choices)}"
-            converter = _number(kind) if kind in (int, float) else kind
-            options.update(type=converter, choices=choices, metavar="NAME" if choices else _METAVARS[kind])
-        aliases = FLAG_ALIASES.get(config_field.name, ())
-        parser.add_argument(f"--{config_field.name}", *aliases, dest=config_field.name, **options)
-
-
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """A recipe value converted to the setting's type, or a clear error naming both."""
-    kind = _base_type(annotation)
-    if kind is dict and isinstance(value, str):  # the JSON text the command line takes, quoted in YAML
-        try:
-            return _parse_json_object(value)
-        except argparse.ArgumentTypeError as error:
-            raise UserError(f"--{name} must be a JSON object: {error}") from None
-    if value is None or kind in (dict, Any):
-        return value
-    try:
-        if kind is list:
-            return [_coerce(name, item, float) for item in value]
-        if isinstance(value, bool) and kind is not bool or kind is bool and not isinstance(value, bool):
-            raise ValueError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError  # int(2.5) would silently train 2 epochs
-        return kind(value)
-    except (TypeError, ValueError, OverflowError):
-        hint = " (YAML reads a bare no/yes/on/off as false/true: quote the word)" if isinstance(value, bool) else ""
-        raise UserError(f"recipe setting {name}: {value!r} is not a valid {kind.__name__}{hint}") from None
-
-
-def _settings_file(name_or_path: str, replay: bool) -> dict[str, Any]:
-    """A recipe's settings, typed; with ``--config`` also a finished run's ``train_config.json`` (or its folder),
-    less what the run derived and what only steered that run (where to resume from, whether to push)."""
-    from cifar_accel.recipes import load_recipe
-
-    path = os.path.join(name_or_path, RUN_CONFIG_FILE) if replay and os.path.isdir(name_or_path) else name_or_path
-    if replay and not os.path.isfile(path):
-        raise UserError(f"--config {name_or_path}: no such file; give a run folder, its {RUN_CONFIG_FILE} or a recipe")
-    try:
-        settings = load_recipe(path)
-    except UserError as error:  # its messages name a recipe
-        raise UserError(str(error).replace("recipe ", "--config ", 1) if replay else str(error)) from None
-    if replay and "environment" in settings:  # a run's record, not a recipe
-        settings = {name: value for name, value in settings.items() if name not in RUN_RECORD_ONLY}
-        settings.update(NOT_REPLAYED)
-    hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(settings) - set(hints))
-    if unknown:
-        source = f"--config {name_or_path}" if replay else f"recipe {name_or_path!r}"
-        raise UserError(f"{source} sets unknown settings: {', '.join(unknown)}")
-    return {name: _coerce(name, value, hints[name]) for name, value in settings.items()}
-
-
-def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the recipe's settings, then the flags given explicitly: later wins.
-
-    With ``--resume_from_checkpoint``, the checkpoint's run settings come first instead, and what
-    was asked for may change only what does not change the result (``checkpoint.RESUME_MAY_CHANGE``).
-    """
-    parser = OneLineErrorParser(
-        description="Train an image classifier on CIFAR-10 (or any dataset in its layout) with Accelerate.",
-        formatter_class=_one_line_help,
-        argument_default=argparse.SUPPRESS,  # only flags given explicitly reach the namespace
-    )
-    add_dataclass_arguments(parser, TrainConfig)
-    parser.add_argument(
-        "--config", metavar="PATH", help="a run folder or its train_config.json (replays that run), or a recipe file"
-    )
-    parser.add_argument(
-        "--with_tracking", action="store_true", help="the Hugging Face examples' flag: --report_to all, unless given"
-    )
-    explicit = vars(parser.parse_args(argv))
-    if explicit.pop("with_tracking", False):
-        explicit.setdefault("report_to", "all")
-    config_file = explicit.pop("config", None)
-    if config_file and explicit.get("recipe"):
-        raise UserError("--config and --recipe both set the starting settings; give one (flags override either)")
-    settings: dict[str, Any] = {}
-    if config_file or explicit.get("recipe"):
-        settings = _settings_file(config_file or explicit["recipe"], replay=bool(config_file))
-    settings.update(explicit)
-    if settings.get("resume_from_checkpoint"):
-        from cifar_accel.checkpoint import resume_settings
-
-        saved = resume_settings(settings, TrainConfig.output_dir)
-        settings = {name: value for name, value in saved.items() if name in typing.get_type_hints(TrainConfig)}
-    elif settings.get("init_from"):
-        from cifar_accel.finetune import architecture_settings
-
-        settings = architecture_settings(settings)
-    config = TrainConfig(**settings)
-    config.validate()
-    return config

@@ -25,11 +25,11 @@ from cifar_accel.errors import UserError
 from cifar_accel.model_card import build_model_card
 from cifar_accel.models import get_model
 from cifar_accel.redaction import redact, redact_log_records
+from cifar_accel.run_files import BEST_MODEL_FOLDER, PLOTS_FOLDER, RESULTS_FILE, RUN_CONFIG_FILE, RUN_FILES_PUBLISHED
 from cifar_accel.run_records import read_run_json
-from cifar_accel.saved_model import BEST_MODEL_FOLDER, CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
+from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
 
 # Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
-RUN_FILES_PUBLISHED = ("train_config.json", "metrics.jsonl", "summary.csv", "results.json")
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -39,7 +39,7 @@ def looks_like_local_path(name: str) -> bool:
 
 def default_dataset_id(run_dir: Path) -> str | None:
     """The run's ``--dataset`` when it is a Hub id; None for a local copy."""
-    dataset = read_run_json(run_dir / "train_config.json")["dataset"]
+    dataset = read_run_json(run_dir / RUN_CONFIG_FILE)["dataset"]
     return None if looks_like_local_path(dataset) or Path(dataset).expanduser().exists() else dataset
 
 
@@ -158,7 +158,7 @@ def run_upload(run_dir: Path) -> dict[str, Path]:
         CONFIG_NAME: run_dir / BEST_MODEL_FOLDER / CONFIG_NAME,
         **{name: run_dir / name for name in RUN_FILES_PUBLISHED},
     }
-    results = files["results.json"]
+    results = files[RESULTS_FILE]
     if results.is_file() and "timing" not in read_run_json(results):
         raise UserError(
             f"{run_dir} was trained by an older cifar_accel (its results.json has no timing, the run no summary.csv"
@@ -167,7 +167,7 @@ def run_upload(run_dir: Path) -> dict[str, Path]:
     missing = [str(path) for path in files.values() if not path.is_file()]
     if missing:
         raise UserError(f"{run_dir} is not a finished run (missing {', '.join(missing)}); train to the end first")
-    files.update({f"plots/{path.name}": path for path in sorted((run_dir / "plots").glob("*.png"))})
+    files.update({f"{PLOTS_FOLDER}/{path.name}": path for path in sorted((run_dir / PLOTS_FOLDER).glob("*.png"))})
     return files
 
 

@@ -132,7 +132,7 @@ class RunLengthForecast:
     """One line, once, when the first steps show that the run will take hours on the CPU: the usual surprise
     of a first run without a GPU. (On a GPU the host runs ahead of the device, so its step times mean little.)"""
 
-    CPU_COMMAND = "python train.py --recipe airbench94"  # README "On a CPU": 90.10% in about 30 min on 2 cores
+    CPU_COMMAND = "python train.py --recipe airbench94"  # docs/hardware.md, On a CPU: 90.10% in 31 min, 2 cores
 
     def __init__(self, total_steps: int, first_step: int, device: torch.device, after_steps: int = 5,
                  hours: float = 2.0):  # fmt: skip
@@ -151,7 +151,7 @@ class RunLengthForecast:
             return None
         return (
             f"note: at {per_step:.1f} s a step, the {self.total_steps - step} steps left take about {hours:.0f} hours "
-            f"on this CPU; for a useful model in under an hour, try: {self.CPU_COMMAND} (README: On a CPU)"
+            f"on this CPU; for a useful model in under an hour, try: {self.CPU_COMMAND} (docs/hardware.md: On a CPU)"
         )
 
 

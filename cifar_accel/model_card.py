@@ -12,8 +12,9 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cifar_accel import __version__
+from cifar_accel.run_files import BEST_MODEL_FOLDER, CONFUSION_PLOT, CURVES_PLOT, PLOTS_FOLDER, RESULTS_FILE
 from cifar_accel.run_records import read_finished_run, require_fields
-from cifar_accel.saved_model import BEST_MODEL_FOLDER, read_model_config
+from cifar_accel.saved_model import read_model_config
 
 LIBRARY_NAME = "cifar-accel"
 # The last two are those huggingface_hub's PyTorchModelHubMixin gives the cards it writes, kept in ours.
@@ -157,7 +158,7 @@ def build_model_card(
     repo_id: str | None = None,
     dataset_id: str | None = None,
     license: str = "apache-2.0",
-    plots_folder: str = "plots",
+    plots_folder: str = PLOTS_FOLDER,
 ) -> ModelCard:
     """The card of a finished run.
 
@@ -167,7 +168,7 @@ def build_model_card(
     run_dir = Path(run_dir)
     run = read_finished_run(run_dir)
     settings, results = run.settings, run.results
-    require_fields(results, run_dir / "results.json", CARD_RESULTS)
+    require_fields(results, run_dir / RESULTS_FILE, CARD_RESULTS)
     config = read_model_config(run_dir / BEST_MODEL_FOLDER)
     final = results["final_metrics"]
     dataset_name = dataset_id or Path(settings["dataset"]).name
@@ -212,8 +213,8 @@ def build_model_card(
     )
     figures = [
         f"## {title}\n\n![{title}]({plots_folder}/{name})\n\n"
-        for title, name in (("Training curves", "curves.png"), ("Confusion matrix", "confusion_matrix.png"))
-        if (run_dir / "plots" / name).is_file()
+        for title, name in (("Training curves", CURVES_PLOT), ("Confusion matrix", CONFUSION_PLOT))
+        if (run_dir / PLOTS_FOLDER / name).is_file()
     ]
     started_from = ""
     if base:

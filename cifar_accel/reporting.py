@@ -7,13 +7,24 @@ import os
 from pathlib import Path
 
 from cifar_accel.checkpoint import checkpoint_folders
-from cifar_accel.config import RUN_CONFIG_FILE
 from cifar_accel.errors import UserError
 from cifar_accel.files import FolderLock, remove_tree, write_json, write_text
 from cifar_accel.hub import default_dataset_id
 from cifar_accel.model_card import build_model_card
 from cifar_accel.plots import plot_confusion_matrix, plot_training_curves
-from cifar_accel.saved_model import BEST_MODEL_FOLDER
+from cifar_accel.run_files import (
+    BEST_MODEL_FOLDER,
+    CONFUSION_PLOT,
+    CURVES_PLOT,
+    METRICS_FILE,
+    PLOTS_FOLDER,
+    REPLACED_RUN,
+    RESULTS_FILE,
+    RUN_CONFIG_FILE,
+    RUN_FILES,
+    SUMMARY_FILE,
+    TRACKER_FOLDER,
+)  # fmt: skip
 
 
 def selected_metric(record: dict, name: str) -> float:
@@ -39,11 +50,6 @@ def format_epoch_line(record: dict, epochs: float) -> str:
     )
 
 
-TRACKER_FOLDER = "logs"
-RUN_FILES = (
-    RUN_CONFIG_FILE, "metrics.jsonl", "summary.csv", "results.json", "plots", BEST_MODEL_FOLDER, TRACKER_FOLDER,
-    "checkpoints",
-)  # fmt: skip
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -93,9 +99,6 @@ def refuse_existing_run(output_dir: str | Path) -> None:
                "to replace it (it has no complete checkpoint to continue from) ")
             + "or another --output_dir"
         )  # fmt: skip
-
-
-REPLACED_RUN = ".replaced_run"
 
 
 class RunFolder:
@@ -158,25 +161,25 @@ class RunFolder:
     def save_metrics(self, records: list[dict]) -> None:
         """All epochs so far, as JSON lines and as a spreadsheet-friendly CSV. Rewriting the whole (small)
         files keeps them whole after a crash or a resume."""
-        write_text(self.path / "metrics.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+        write_text(self.path / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in records))
         table = io.StringIO()
         if records:  # every field of every record: a resumed run may continue one written by an older version
             fields = list(dict.fromkeys(name for record in records for name in record))
             writer = csv.DictWriter(table, fieldnames=fields, restval="", lineterminator="\n")
             writer.writeheader()
             writer.writerows(records)
-        write_text(self.path / "summary.csv", table.getvalue())
+        write_text(self.path / SUMMARY_FILE, table.getvalue())
 
     def save_results(self, results: dict) -> None:
-        write_json(self.path / "results.json", results)
+        write_json(self.path / RESULTS_FILE, results)
 
     def save_reports(self, records: list[dict], results: dict, repo_id: str | None = None) -> None:
         """The figures, then the best model's card (it shows them); ``repo_id`` goes in its usage snippet."""
-        plot_training_curves(records, self.path / "plots" / "curves.png")
+        plot_training_curves(records, self.path / PLOTS_FOLDER / CURVES_PLOT)
         final = results["final_metrics"]
         plot_confusion_matrix(
             final["confusion_matrix"], list(final["per_class_top1"]), final["split"],
-            self.path / "plots" / "confusion_matrix.png",
+            self.path / PLOTS_FOLDER / CONFUSION_PLOT,
         )  # fmt: skip
         card = build_model_card(self.path, repo_id, default_dataset_id(self.path), plots_folder="../plots")
         write_text(self.best_model_dir / "README.md", str(card))

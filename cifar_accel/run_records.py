@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from cifar_accel.errors import UserError
+from cifar_accel.run_files import RUN_RECORDS
 from cifar_accel.values import is_finite_number, is_whole_number
-
-RUN_RECORDS = ("train_config.json", "results.json", "metrics.jsonl")
 
 
 def _is_fraction(value: Any) -> bool:

@@ -23,12 +23,12 @@ from cifar_accel.config import IMAGE_SIDE, RANGES
 from cifar_accel.errors import UserError
 from cifar_accel.files import write_atomically, write_json
 from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
+from cifar_accel.run_files import BEST_MODEL_FOLDER
 from cifar_accel.values import is_finite_number, is_whole_number
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 NOT_A_SAVED_MODEL = f"a saved model is a folder holding {WEIGHTS_NAME} and {CONFIG_NAME}"
-BEST_MODEL_FOLDER = "best"  # where a run folder keeps its saved model
 CONFIG_KEYS = ("architecture", "model_args", "num_classes", "class_names", "mean", "std", "input_size")
 CHANNELS = 3  # every image is converted to RGB before it is normalised: one mean and one std per channel
 

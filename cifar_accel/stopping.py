@@ -78,7 +78,7 @@ class AbandonPoints:
     A forward or backward pass is a long call into C++, and Python runs a signal's handler only between
     its own instructions; module and tensor hooks are short returns to Python inside that call. They cost
     a few microseconds per layer, nothing against a CPU step, too much for a GPU speed run, and cannot stop
-    a compiled graph: ``engine`` attaches them where steps are slow.
+    a compiled graph: ``build.build_run`` attaches them where steps are slow (``build.stops_inside_steps``).
     """
 
     def __init__(self, stop: "StopRequest"):

@@ -1,7 +1,10 @@
 """Shared fixtures: small datasets in the Hub layout, written to parquet like a downloaded copy."""
 
+import contextlib
 import io
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +74,27 @@ def colour_dataset(tmp_path_factory) -> Path:
 
 
 def run_command(args: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command from the repository root, as a user would, and capture its output."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    """Run a command from the repository root, as a user would, and capture its output.
+
+    A command still running after ``timeout`` seconds fails the test with where every one of its processes
+    was waiting (Python's faulthandler, on SIGABRT), so that a rare hang can be diagnosed from one CI log.
+    """
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    with subprocess.Popen(
+        args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        start_new_session=True,
+    ) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGABRT)  # every process of the command prints its threads' stacks
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()  # all the output, that before the timeout included
+            pytest.fail(f"{shlex.join(args)} still ran after {timeout} s:\n{stdout[-3000:]}\n{stderr[-20000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
 def cifar_accel_command(*args: str) -> list[str]:

@@ -8,10 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from cifar_accel.accel import build_accelerator
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data, make_dataloader
 from cifar_accel.device_data import make_device_dataloader
-from cifar_accel.engine import build_accelerator
 
 
 def main(dataset: str, output: str, batch_size: int, data_loader: str) -> None:

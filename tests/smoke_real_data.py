@@ -1,7 +1,7 @@
 """A short real-data training that must clear an accuracy floor; run by ``make smoke`` and ``.ci/run``.
 
 bn_cnn, 5,000 CIFAR-10 training images, 2 epochs, evaluated on 2,000 test images. The floor sits
-well below what this exact command measured on the 2-core CI machine (see README, "Measured"), so
+well below what this exact command measured on the 2-core CI machine (docs/getting-started.md), so
 only a real regression (data, loop, optimiser) trips it, not seed noise.
 """
 

@@ -1,4 +1,4 @@
-"""Every bad input the README lists: one line on stderr naming the value and what is valid,
+"""Every bad input docs/resuming.md lists (Bad input): one line on stderr naming the value and what is valid,
 exit status 2, no traceback, and nothing written or changed on disk."""
 
 import importlib.util

@@ -81,6 +81,7 @@ def test_the_deadline_stops_only_a_block_that_overruns_it(block_seconds, stopped
         assert (result.returncode, result.stdout, result.stderr) == (0, "finished\n", "")
 
 
+@pytest.mark.slow
 def test_a_partner_that_never_joins_stops_the_run_within_the_join_timeout():
     """The launchers meet, but machine 1's script fails before building its Accelerator: machine 0's
     process would wait 30 minutes inside ``Accelerator()``; the deadline stops it after 5 s."""
@@ -103,6 +104,7 @@ def test_a_partner_that_never_joins_stops_the_run_within_the_join_timeout():
     assert "exitcode  : 2" in stderr
 
 
+@pytest.mark.slow
 def test_a_machine_alone_waits_in_the_launcher_bounded_by_rdzv_conf_timeout():
     """Without its partner, machine 0's launcher never starts the script (its rendezvous waits 900 s
     by default): only the launcher's ``--rdzv_conf timeout=SECONDS`` bounds that wait."""

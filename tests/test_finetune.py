@@ -11,9 +11,9 @@ import torch
 from conftest import write_hub_layout
 from safetensors.torch import load_file
 
-from cifar_accel.config import parse_train_args
 from cifar_accel.engine import train
 from cifar_accel.errors import UserError
+from cifar_accel.settings import parse_train_args
 
 TEN_COLOURS = ["red", "green", "blue", "yellow", "magenta", "cyan", "grey", "white", "black", "orange"]
 FEW_STEPS = ["--max_train_samples", "64", "--batch_size", "32", "--epochs", "1", "--learning_rate", "0.05",

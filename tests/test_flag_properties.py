@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cifar_accel.cli import train_main
-from cifar_accel.config import parse_train_args
 from cifar_accel.errors import UserError
+from cifar_accel.settings import parse_train_args
 
 numbers = st.floats(allow_nan=True, allow_infinity=True)
 FLAG_VALUES = {
@@ -76,7 +76,7 @@ def snapshot(root: Path) -> dict:
 
 
 def assert_within_documented_ranges(config) -> None:
-    """An accepted configuration holds only values the README documents as valid."""
+    """An accepted configuration holds only values docs/flags.md documents as valid."""
     assert math.isfinite(config.learning_rate) and config.learning_rate > 0
     assert 0 <= config.momentum < 1 and 0 <= config.label_smoothing < 1 and 0 <= config.warmup_fraction <= 1
     assert math.isfinite(config.weight_decay) and config.weight_decay >= 0 and config.gamma > 0

@@ -314,7 +314,7 @@ def test_a_model_pushed_to_the_hub_is_fine_tuned_by_repo_id_and_the_card_names_i
     assert card.data.base_model == "alice/colours" and f"`alice/colours` at revision `{pushed['oid']}`" in card.text
     # Once cached, the base model is found without the network.
     hub.stop()
-    script = "from cifar_accel.config import parse_train_args as p; print(p(['--init_from', 'alice/colours']).model)"
+    script = "from cifar_accel.settings import parse_train_args as p; print(p(['--init_from', 'alice/colours']).model)"
     result = run_command([sys.executable, "-c", script], env=_hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "simple_cnn", result.stderr[-3000:]
 

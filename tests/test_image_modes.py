@@ -376,13 +376,13 @@ def test_rows_are_named_as_in_the_split_after_a_selection_reorders_them(tmp_path
 
 
 def test_an_interrupted_cache_write_leaves_no_temporary_file(colour_dataset, tmp_path, monkeypatch):
-    import cifar_accel.data
+    import cifar_accel.data.decode_cache
 
     def write_half_then_stop(tensors, filename):
         Path(filename).write_bytes(b"half a safetensors file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cifar_accel.data, "save_file", write_half_then_stop)
+    monkeypatch.setattr(cifar_accel.data.decode_cache, "save_file", write_half_then_stop)
     monkeypatch.setenv("CIFAR_ACCEL_CACHE", str(tmp_path))
     split = load_dataset(str(colour_dataset))["test"]
     with pytest.raises(KeyboardInterrupt):

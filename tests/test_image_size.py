@@ -11,11 +11,13 @@ from PIL import Image
 
 from cifar_accel import load_model
 from cifar_accel.cli import evaluate_main
-from cifar_accel.config import TrainConfig, parse_train_args
+from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data
 from cifar_accel.device_data import make_device_dataloader
 from cifar_accel.engine import train
 from cifar_accel.errors import UserError
+from cifar_accel.preflight import preflight
+from cifar_accel.settings import parse_train_args
 
 CLASSES = ["red", "green", "blue", "yellow"]
 
@@ -83,8 +85,8 @@ def test_images_of_another_size_are_refused_without_image_size_naming_it(tmp_pat
     ],
 )
 def test_image_sizes_a_setting_or_model_cannot_take_are_refused_before_any_work(tmp_path, flags, message):
-    with pytest.raises(UserError, match=f"^{message}") as refused:
-        parse_train_args(["--output_dir", str(tmp_path / "run"), *flags])
+    with pytest.raises(UserError, match=f"^{message}") as refused:  # the values, then what they need of the model
+        preflight(parse_train_args(["--output_dir", str(tmp_path / "run"), *flags]))
     assert "\n" not in str(refused.value)
     assert not (tmp_path / "run").exists()
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cifar_accel import engine
-from cifar_accel.config import parse_train_args
+from cifar_accel import build, engine, final, publish
 from cifar_accel.errors import StoppedBySignal
 from cifar_accel.reporting import RunFolder
+from cifar_accel.settings import parse_train_args
 
 FLAGS = "--model bn_cnn --epochs 2 --batch_size 64 --num_workers 0 --learning_rate 0.05 --label_smoothing 0"
 TIMINGS = ("seconds", "train_seconds", "data_wait_seconds", "compute_seconds", "eval_seconds", "images_per_second")
@@ -58,7 +58,7 @@ def signal_on_call(monkeypatch, owner, name: str, signal_number: int) -> None:
 RESUMABLE_PHASES = {
     # The evaluation in flight is dropped: the checkpoint holds the epoch trained, and a resume evaluates it.
     "the epoch's evaluation": ((engine, "evaluate"), signal.SIGTERM, "during the evaluation of epoch 1"),
-    "the final evaluation": ((engine, "score_predictions"), signal.SIGINT, "during the final evaluation"),
+    "the final evaluation": ((final, "score_predictions"), signal.SIGINT, "during the final evaluation"),
     # SLURM's warning before a job's time runs out
     "the reports": ((RunFolder, "save_reports"), signal.SIGUSR1, "while writing the reports"),
 }  # the training steps themselves: test_resume.py, by SIGINT and SIGTERM from outside
@@ -87,7 +87,7 @@ def test_a_signal_in_any_phase_saves_a_checkpoint_that_resumes_exactly(
 
 
 def test_a_signal_while_loading_the_data_stops_at_once_and_writes_nothing(colour_dataset, tmp_path, monkeypatch):
-    signal_on_call(monkeypatch, engine, "load_data", signal.SIGTERM)
+    signal_on_call(monkeypatch, build, "load_data", signal.SIGTERM)
     with pytest.raises(StoppedBySignal, match="stopped while preparing the run; nothing was trained: run the same"):
         train(colour_dataset, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -100,7 +100,7 @@ def test_a_signal_while_pushing_keeps_the_run_and_says_how_to_push_it(colour_dat
         os.kill(os.getpid(), signal.SIGINT)
         raise AssertionError("the signal should have stopped the push")  # reached only if it did not
 
-    monkeypatch.setattr(engine, "push_run", slow_push)
+    monkeypatch.setattr(publish, "push_run", slow_push)
     with pytest.raises(StoppedBySignal) as stopped:
         train(colour_dataset, tmp_path, "--push_to_hub", "--hub_model_id", "someone/colours")
     assert stopped.value.exit_code == 130
@@ -116,9 +116,9 @@ def test_a_signal_during_the_test_time_augmented_evaluation_drops_it_and_resumes
 ):
     """The evaluation in flight is dropped at its next layer; the checkpoint after training makes a resume run
     it again."""
-    signal_on_call(monkeypatch, engine, "inference_model", signal.SIGTERM)
+    signal_on_call(monkeypatch, final, "inference_model", signal.SIGTERM)
     scored = []
-    monkeypatch.setattr(engine, "score_predictions", lambda *args: scored.append(args))
+    monkeypatch.setattr(final, "score_predictions", lambda *args: scored.append(args))
     with pytest.raises(StoppedBySignal):
         train(colour_dataset, tmp_path, "--tta_level", "1")
     assert not scored  # neither evaluation ran to its end

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cifar_accel import engine
-from cifar_accel.config import parse_train_args
+from cifar_accel import engine, final
+from cifar_accel.settings import parse_train_args
 from cifar_accel.tricks import ModelEma
 
 FLAGS = ["--model", "bn_cnn", "--max_train_samples", "64", "--batch_size", "32", "--epochs", "2",
@@ -43,7 +43,8 @@ def test_the_average_when_it_scores_higher_is_the_model_saved(colour_dataset, tm
 
     run_dir = tmp_path / "run"
     monkeypatch.setattr(ModelEma, "swapped_in", swapped_in)
-    monkeypatch.setattr(engine, "evaluate", evaluate)
+    monkeypatch.setattr(engine, "evaluate", evaluate)  # the epochs' evaluations
+    monkeypatch.setattr(final, "evaluate", evaluate)  # the final one
     results = train_run(colour_dataset, run_dir, *FLAGS)
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

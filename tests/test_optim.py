@@ -120,8 +120,8 @@ def test_airbench_groups_speed_up_batchnorm_biases_and_freeze_the_whitening_bias
 def test_the_airbench94_recipe_runs_airbench_triangle_over_476_steps():
     """9.9 epochs of 48 full batches of 1024 (50,000 images, last batch dropped): 476 steps, from 0.2 of the peak
     up to the peak at 23% (step 109), down to 0.07 of it at the end, as airbench94 schedules them."""
-    from cifar_accel.config import parse_train_args
     from cifar_accel.optim import lr_multiplier, total_updates
+    from cifar_accel.settings import parse_train_args
 
     config = parse_train_args(["--recipe", "airbench94"])
     steps = total_updates(config, 50_000 // config.batch_size)
@@ -198,9 +198,9 @@ def test_muon_steps_the_filters_as_airbench94_muon_and_sgd_the_rest(channels_las
 def test_the_airbench94_muon_recipe_restates_its_learning_rates_for_a_mean_reduced_loss():
     """airbench94_muon sums the loss of 2000 examples: its SGD learning rates x 2000 here, its decay / 2000,
     Muon's rate unchanged; 200 steps straight down to zero; the whitening bias down to zero over 75 steps."""
-    from cifar_accel.config import parse_train_args
     from cifar_accel.models import get_model
     from cifar_accel.optim import total_updates
+    from cifar_accel.settings import parse_train_args
 
     config = parse_train_args(["--recipe", "airbench94_muon"])
     sgd, muon = build_optimizers(get_model(config.model, num_classes=10), config)

@@ -79,6 +79,7 @@ def start_and_wait_for(command: list[str], checkpoint: Path, log: Path) -> subpr
     return process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_run_killed_mid_epoch_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(
     reference_runs, colour_dataset, tmp_path, variant
@@ -126,11 +127,13 @@ def test_a_diverging_run_stops_naming_epoch_and_step_and_keeps_the_checkpoints_b
     assert saved_steps == list(range(1, bad_step))  # every step before the first non-finite loss, none after
 
 
+@pytest.mark.slow
 def test_total_limit_keeps_the_newest_checkpoints(reference_runs):
     run_dir = reference_runs["torch loader, 2 workers"][0]
     assert sorted(folder.name for folder in (run_dir / "checkpoints").iterdir()) == ["step_15", "step_20"]
 
 
+@pytest.mark.slow
 def test_no_token_reaches_logs_or_files(reference_runs):
     for run_dir, result in reference_runs.values():
         assert FAKE_TOKEN not in result.stdout + result.stderr
@@ -147,6 +150,7 @@ class _WritesAFileWhenUnpickled:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_a_pickled_payload_is_refused_without_running_it(reference_runs, colour_dataset, tmp_path):
     variant = "torch loader, 2 workers"
     run_dir, marker = tmp_path / "run", tmp_path / "payload_ran"

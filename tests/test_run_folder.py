@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO_ROOT, accelerate_launch, replace_column_values, run_command
 
 from cifar_accel import engine
-from cifar_accel.config import parse_train_args
 from cifar_accel.errors import StoppedBySignal, UserError
+from cifar_accel.settings import parse_train_args
 
 FLAGS = "--model bn_cnn --epochs 1 --batch_size 64 --num_workers 0 --learning_rate 0.05 --label_smoothing 0"
 

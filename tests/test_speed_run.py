@@ -14,9 +14,10 @@ from torch import Tensor
 from torch._dynamo.utils import counters
 from torch.overrides import TorchFunctionMode
 
-from cifar_accel import engine
-from cifar_accel.config import parse_train_args
+from cifar_accel import accel, build, engine, final
 from cifar_accel.errors import UserError
+from cifar_accel.selection import BestModelSaver
+from cifar_accel.settings import parse_train_args
 from cifar_accel.stopping import StopRequest
 
 # Calls after which the host holds a value computed on the device, so it waits for the device's queue.
@@ -80,11 +81,11 @@ def test_an_airbench_epoch_reads_back_from_the_device_only_every_20_steps_and_at
     config = speed_run_config(colour_dataset, tmp_path / "run", "--batch_size", "8", "--model_args",
                               '{"widths": [16, 32, 32]}', recipe=recipe)  # fmt: skip
     with StopRequest() as stop:
-        run = engine.build_run(config, time.perf_counter(), stop)
+        run = build.build_run(config, time.perf_counter(), stop)
         try:
             steps_per_epoch = len(run.train_loader)
             with engine.progress_bar(run) as bar, HostSyncRecorder(lambda: run.progress.step_in_epoch) as recorder:
-                engine.train_epoch(run, stop, bar)
+                engine.train_epoch(run, BestModelSaver(run), stop, bar)
         finally:
             run.folder.close()
     assert steps_per_epoch == 32 and run.progress.epoch == 2
@@ -104,7 +105,7 @@ def test_an_airbench_epoch_reads_back_from_the_device_only_every_20_steps_and_at
 @pytest.fixture
 def compile_counted(monkeypatch):
     """Compilation with the cheap aot_eager backend, counting the graphs dynamo makes."""
-    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(accel, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     counters.clear()
     yield lambda: counters["stats"]["unique_graphs"]
@@ -137,7 +138,13 @@ def test_eval_strategy_no_evaluates_once_at_the_end_and_keeps_the_last_model(col
     config = speed_run_config(colour_dataset, tmp_path, "--epochs", "2.5", "--batch_size", "32")
     evaluations = []
     evaluate = engine.evaluate
-    monkeypatch.setattr(engine, "evaluate", lambda *args, **kwargs: evaluations.append(1) or evaluate(*args, **kwargs))
+
+    def counted(*args, **kwargs):
+        evaluations.append(1)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", counted)  # the epochs' evaluations
+    monkeypatch.setattr(final, "evaluate", counted)  # the final ones
     results = engine.train(config)
     assert len(evaluations) == 2  # the timed TTA evaluation, then the per-image one that results.json reports
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -19,6 +19,8 @@ import torch
 from conftest import REPO_ROOT, accelerate_launch, run_command
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # every test here launches and signals whole process groups
+
 STEP_SECONDS = 6.0  # longer than accelerate's 5 s between its SIGTERM and SIGKILL
 TRAINING = "--model slow_bn_cnn --batch_size 32 --learning_rate 0.05 --num_workers 2 --epochs 1 --checkpointing_steps 1"
 SINGLE = "--num_processes 1 --mixed_precision no --dynamo_backend no"

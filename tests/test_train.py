@@ -160,6 +160,7 @@ def test_compare_tables_two_runs_and_draws_their_curves(single_process_run, colo
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data_loader", "port"), [("torch", 29611), ("device", 29613)])
 def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, tmp_path, data_loader, port):
     flags = f"--dataset {colour_dataset} --output_dir {tmp_path} {TRAIN_FLAGS} --epochs 1 --batch_size 16"
@@ -177,6 +178,7 @@ def test_two_cpu_processes_split_training_and_evaluate_exactly(colour_dataset, t
     assert [final[name] for name in ("top1", "top3", "top5")] == [record[f"eval_{n}"] for n in ("top1", "top3", "top5")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("data_loader", "port"), [("torch", 29612), ("device", 29614)])
 def test_each_training_example_is_seen_once_per_epoch_across_ranks(tmp_path, data_loader, port):
     names = [f"c{i}" for i in range(64)]
