@@ -8,7 +8,7 @@ import contextlib
 
 from cifar_accel.reporting import numeric_values, selected_metric
 from cifar_accel.run_state import Run
-from cifar_accel.saved_model import model_config, save_model
+from cifar_accel.saved_model import WEIGHTS_NAME, model_config, save_model
 
 
 class BestModelSaver:
@@ -35,7 +35,7 @@ class BestModelSaver:
         """The best epoch's weights back into the model, for the final evaluation."""
         run = self.run
         run.model.load_state_dict(run.best_state)
-        if run.folder and not (run.folder.best_model_dir / "model.safetensors").is_file():
+        if run.folder and not (run.folder.best_model_dir / WEIGHTS_NAME).is_file():
             self.save()  # a checkpoint resumed in another --output_dir chose its best epoch before it
 
     def keep_last(self, evaluation: dict) -> None:

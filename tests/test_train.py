@@ -223,6 +223,8 @@ def test_airbench94_recipe_trains_with_the_device_loader_and_every_trick(colour_
         ({"batch_size": 0}, r"--batch_size must be 1 to 2\^31, got 0"),
         ({"cutmix": 1e-300}, "--cutmix must be at least"),
         ({"push_to_hub": True}, "--push_to_hub needs --hub_model_id"),
+        ({"model_args": {"widths": 5}}, "--model_args .*model 'resnet9' does not take widths"),  # preflight
+        ({"push_to_hub": True, "hub_model_id": "no-owner"}, "--hub_model_id must be USER/NAME"),
     ],
 )
 def test_train_from_python_refuses_what_the_command_line_refuses_before_writing(
@@ -233,6 +235,7 @@ def test_train_from_python_refuses_what_the_command_line_refuses_before_writing(
     from cifar_accel.errors import UserError
 
     config = TrainConfig(dataset=str(colour_dataset), output_dir=str(tmp_path / "run"), **settings)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message) as refused:
         engine.train(config)
+    assert "\n" not in str(refused.value)  # one line
     assert not (tmp_path / "run").exists()
