@@ -58,6 +58,12 @@ def processes_in_group(group: int) -> list[psutil.Process]:
     return alive
 
 
+def as_from_a_terminal() -> None:
+    """Ctrl-C's default in the launched command, as a terminal gives it. A shell without job control starts a
+    background job (a CI script's `make test &`) with SIGINT ignored, and the launcher would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_mid_step(command: list[str], run_dir: Path, log: Path, stop_signal: signal.Signals) -> tuple[int, float]:
     """Start ``command`` in a process group of its own with slow steps; when step 1's checkpoint is written,
     wait until step 2 is in flight, signal the whole group, and return the exit status and the seconds until
@@ -66,8 +72,9 @@ def stop_mid_step(command: list[str], run_dir: Path, log: Path, stop_signal: sig
                    "CIFAR_ACCEL_TEST_STEP_SECONDS": str(STEP_SECONDS)}  # fmt: skip
     with log.open("w") as output:
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, env=environment, start_new_session=True
-        )
+            command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT, env=environment, start_new_session=True,
+            preexec_fn=as_from_a_terminal,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoints" / "step_1" / "manifest.json").exists():
