@@ -308,6 +308,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def default_of(setting: dataclasses.Field) -> Any:
+    """A ``TrainConfig`` field's default value (a fresh copy for a list or dict)."""
+    return setting.default_factory() if setting.default is dataclasses.MISSING else setting.default
+
+
 def settings_by_section() -> dict[str, list[dataclasses.Field]]:
     """``TrainConfig``'s fields under their ``SECTIONS`` title, in field order."""
     starts = {first: title for title, first in SECTIONS}

@@ -12,7 +12,7 @@ import os
 import typing
 from typing import Any
 
-from cifar_accel.config import TrainConfig, base_type, settings_by_section
+from cifar_accel.config import TrainConfig, base_type, default_of, settings_by_section
 from cifar_accel.errors import UserError
 from cifar_accel.recipes import load_recipe
 from cifar_accel.run_files import RUN_CONFIG_FILE
@@ -97,9 +97,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _argument_options(setting: dataclasses.Field, kind: type) -> dict[str, Any]:
-    default = setting.default
-    if default is dataclasses.MISSING:
-        default = setting.default_factory()
+    default = default_of(setting)
     help_text = setting.metadata["help"]
     if default not in (None, {}, []):
         help_text += f" (default: {default})"

@@ -13,9 +13,8 @@ import dataclasses
 import sys
 import typing
 from pathlib import Path
-from typing import Any
 
-from cifar_accel.config import RANGES, TrainConfig, base_type, settings_by_section
+from cifar_accel.config import RANGES, TrainConfig, base_type, default_of, settings_by_section
 from cifar_accel.settings import FLAG_ALIASES, PARSER_ONLY_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,9 +35,7 @@ def _code(text: str) -> str:
 
 
 def _default(setting: dataclasses.Field) -> str:
-    value = setting.default
-    if value is dataclasses.MISSING:
-        value = setting.default_factory()
+    value = default_of(setting)
     if value is None:
         return "not set"
     if isinstance(value, bool):
@@ -48,7 +45,7 @@ def _default(setting: dataclasses.Field) -> str:
     return _code(str(value))
 
 
-def _valid(setting: dataclasses.Field, kind: Any) -> str:
+def _valid(setting: dataclasses.Field) -> str:
     parts = []
     choices = setting.metadata.get("choices")
     if choices:
@@ -88,7 +85,7 @@ def render() -> str:
                 type_name += ", optional"
             if kind is bool:
                 type_name += f" ({_code('--no-' + setting.name)} turns it off)"
-            row = (flag, type_name, _default(setting), _valid(setting, kind), _cell(setting.metadata["help"]))
+            row = (flag, type_name, _default(setting), _valid(setting), _cell(setting.metadata["help"]))
             lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
