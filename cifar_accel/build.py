@@ -42,6 +42,7 @@ from cifar_accel.run_state import (
 )
 from cifar_accel.stopping import AbandonPoints, SafePoint, StopRequest
 from cifar_accel.tricks import Lookahead, ModelEma
+from cifar_accel.zoo import ZooClassifier, build_zoo_model, zoo_source
 
 WHITENING_IMAGES = 5000  # airbench's: the patch covariance of the first 5,000 training images
 
@@ -51,6 +52,9 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     the output folder is taken last, once a signal no longer stops the run at once."""
     resume_from, skipped, data_digest = None, [], None
     architecture = {"model": config.model, "model_args": config.model_args}
+    source = zoo_source(config)
+    if source:  # a checkpoint of another Hub model, revision or input size is refused
+        architecture.update(hub_model=source.record(), image_size=config.image_size)
     FolderLock(config.output_dir).refuse_if_held()
     if config.resume_from_checkpoint:
         resume_from, skipped = checkpoint_to_resume(config, architecture)
@@ -65,12 +69,12 @@ def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
     config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision, num_workers=workers)
     set_seed(config.seed)
     base = starting_model(config, resume_from)
-    data, train_loader, eval_loader = load_run_data(config, accelerator, base)
+    data, train_loader, eval_loader, hub_network = load_run_data(config, accelerator, base, resuming=bool(resume_from))
     data_ready_time = time.perf_counter()  # speed runs time from here: data loaded, model not yet built
     architecture["num_classes"] = data.num_classes
     if resume_from:
         data_digest = check_resumed_data(resume_from, architecture, data, config.dataset)
-    model = build_model(config, data, accelerator, train_loader, base, resuming=bool(resume_from))
+    model = build_model(config, data, accelerator, train_loader, base, resuming=bool(resume_from), network=hub_network)
     config, model, optimizers, schedulers, train_loader, eval_loader, process_updates = prepare_training(
         config, accelerator, model, data, train_loader, eval_loader
     )
@@ -108,16 +112,26 @@ def starting_model(config: TrainConfig, resume_from: Path | None) -> BaseModel |
     return None
 
 
-def load_run_data(config: TrainConfig, accelerator: Accelerator, base: BaseModel | None) -> tuple[DataBundle, Any, Any]:
-    """The data and its training and evaluation loaders, not yet prepared."""
-    # The main process builds the datasets and decoded-image caches first; the others then read them.
+def load_run_data(
+    config: TrainConfig, accelerator: Accelerator, base: BaseModel | None, resuming: bool = False
+) -> tuple[DataBundle, Any, Any, ZooClassifier | None]:
+    """The data and its training and evaluation loaders, not yet prepared; and a Hub model's network, built for
+    the data's classes, whose preprocessing the loaders take."""
+    # The main process builds the datasets and decoded-image caches first, and downloads a Hub model into the
+    # Hugging Face cache; the others then read them.
+    hub_network = None
     with accelerator.main_process_first():
         data = load_data(config)
         if base:  # the normalisation the base model's weights were trained with
             data.mean, data.std = base.config["mean"], base.config["std"]
+        if source := zoo_source(config):
+            hub_network, note = build_zoo_model(source, data.class_names, config.image_size, config.model_args)
+            if note and not resuming:  # (a resumed run's weights come from its checkpoint)
+                accelerator.print(note)
+            data.mean, data.std = hub_network.spec.mean, hub_network.spec.std
         train_loader = make_loader(config, data, data.train, accelerator, train=True)
         eval_loader = make_loader(config, data, data.evaluation, accelerator)
-    return data, train_loader, eval_loader
+    return data, train_loader, eval_loader, hub_network
 
 
 def prepare_training(
@@ -182,11 +196,12 @@ def make_loader(
 
 def build_model(
     config: TrainConfig, data: DataBundle, accelerator: Accelerator, train_loader: Any, base: BaseModel | None = None,
-    resuming: bool = False,
+    resuming: bool = False, network: nn.Module | None = None,
 ) -> nn.Module:  # fmt: skip
-    """The model to train, before ``prepare``: its first layer whitened from the data (airbench), its weights
-    from ``--init_from``, in the memory format and BatchNorm asked for."""
-    model = get_model(config.model, num_classes=data.num_classes, **config.model_args)
+    """The model to train, before ``prepare``: ``network`` (a Hub model's) or the registry's, its first layer
+    whitened from the data (airbench), its weights from ``--init_from``, in the memory format and BatchNorm
+    asked for."""
+    model = network or get_model(config.model, num_classes=data.num_classes, **config.model_args)
     if hasattr(model, "initialize_whitening"):  # airbench models: first-layer filters from the data
         if config.data_loader == "device":  # computed on the accelerator, from the split already there
             images = train_loader.dataset.unaugmented(WHITENING_IMAGES)

@@ -17,7 +17,8 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cifar_accel.errors import UserError
-from cifar_accel.hub import download_model_files, looks_like_local_path
+from cifar_accel.hub import download_model_files
+from cifar_accel.hub_access import looks_like_local_path
 from cifar_accel.images import resized, to_rgb
 from cifar_accel.models import get_model
 from cifar_accel.saved_model import (
@@ -28,6 +29,7 @@ from cifar_accel.saved_model import (
     read_model_config,
     save_model,
 )
+from cifar_accel.zoo import CIFAR_ACCEL, ZooClassifier, load_zoo_folder, save_zoo_model, saved_config, saved_library
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
 
@@ -62,6 +64,16 @@ class ImageClassifier(
         self.network = get_model(architecture, num_classes=num_classes, **model_args)
         self.config = model_config(architecture, model_args, class_names, mean, std, image_size)
         self.preprocess = preprocessing(mean, std)
+
+    @classmethod
+    def around(cls, network: ZooClassifier, class_names: list[str]) -> "ImageClassifier":
+        """A Hub model zoo network (timm, transformers) with its class names and its own preprocessing."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.network = network
+        model.config = saved_config(network, class_names)
+        model.preprocess = preprocessing(network.spec.mean, network.spec.std)
+        return model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
@@ -109,11 +121,15 @@ class ImageClassifier(
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
             raise UserError(f"an image must have 1 or 3 channels; got shape {tuple(tensor.shape)}")
         tensor = tensor.expand(3, -1, -1)
-        return resized(tensor, *self.config["input_size"][1:])
+        interpolation = self.network.spec.interpolation if isinstance(self.network, ZooClassifier) else "bilinear"
+        return resized(tensor, *self.config["input_size"][1:], interpolation)
 
     # PyTorchModelHubMixin hooks: one file format and one loader for every entry point.
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_model(self.network, save_directory, self.config)
+        if isinstance(self.network, ZooClassifier):  # in its library's own format
+            save_zoo_model(self.network, save_directory, self.config["class_names"])
+        else:
+            save_model(self.network, save_directory, self.config)
 
     @classmethod
     def _from_pretrained(
@@ -145,7 +161,7 @@ class ImageClassifier(
 
 def load_model(repo_id_or_path: str | Path, revision: str | None = None, **download_options) -> ImageClassifier:
     """A saved model in eval mode, from a local folder (a run folder stands for its ``best/``) or a Hub repo
-    (through the Hugging Face cache).
+    (through the Hugging Face cache): cifar_accel's format, or timm's or transformers' own (a Hub model's run).
 
     Loading is strict: weights that do not fit the configured architecture are an error.
     """
@@ -158,6 +174,10 @@ def load_model(repo_id_or_path: str | Path, revision: str | None = None, **downl
         raise UserError(f"--revision is for Hub repos; {repo_id_or_path} is a local folder")
     else:
         folder = model_folder(folder)
+    library = saved_library(folder)
+    if library != CIFAR_ACCEL:
+        network, class_names = load_zoo_folder(folder, library)
+        return ImageClassifier.around(network, class_names).eval()
     config = read_model_config(folder)
     model = ImageClassifier(**{key: config[key] for key in ImageClassifier._hub_mixin_init_parameters if key in config})
     load_weights(model.network, folder, config["architecture"])

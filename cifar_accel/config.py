@@ -30,6 +30,8 @@ EVAL_STRATEGIES = ("epoch", "no")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 AUTO_AUGMENT = ("cifar10", "randaugment", "trivialaugment", "augmix")
 IMAGE_SIDE = 32  # without --image_size, images must have this side
+# --model spellings of a timm checkpoint (timm's own, plus timm/NAME for hf-hub:timm/NAME); see zoo.source.
+TIMM_MODEL_PREFIXES = ("timm/", "hf-hub:", "local-dir:")
 
 # setting: (test of a valid value, what is valid); a None value means "not set" and is not tested.
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -66,6 +68,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cutmix": (lambda value: 0 <= value < math.inf, "0 (off) or a positive finite alpha"),
     "model_ema": (lambda value: 0 <= value < 1, "0 (off) or a decay in (0, 1)"),
     "max_grad_norm": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "layer_decay": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "head_lr_scale": (lambda value: 0 < value < math.inf, "a positive finite number"),
 }
 # Settings that training uses as float32 (tensors, or scalars cast to the weights' dtype): a value outside
 # float32's normal range becomes 0 or infinite there (a Beta of alpha 0 raises; a learning rate of 0 trains nothing).
@@ -102,7 +106,9 @@ class TrainConfig:
     max_train_samples: int | None = _option(None, "train on N examples drawn at random (seed 0, the same every run)")
     max_eval_samples: int | None = _option(None, "evaluate on N examples drawn at random (seed 0, the same every run)")
     validation_size: int = _option(0, "hold out N training examples (stratified) to select the best epoch")
-    image_size: int | None = _option(None, "resize images of any other size to NxN on load (default: 32x32 only)")
+    image_size: int | None = _option(
+        None, "resize images of any other size to NxN on load (default: 32x32 only); Hub models: their input size"
+    )
     data_loader: str = _option(
         "torch", "torch: per-image transforms in workers; device: whole split on device", DATA_LOADERS
     )
@@ -121,12 +127,22 @@ class TrainConfig:
     cutmix: float = _option(0.0, "alpha of v2 CutMix on each training batch; with --mixup, one of the two per batch")
     alternating_flip: bool = _option(False, "flip a random half of the images in even epochs, the rest in odd ones")
     # Model
-    model: str = _option("resnet9", "architecture name (see 'cifar-accel models')")
+    model: str = _option(
+        "resnet9",
+        "architecture name (see 'cifar-accel models'), or a timm model: timm/NAME, hf-hub:REPO, local-dir:PATH",
+    )
+    model_name_or_path: str | None = _option(
+        None, "a transformers image classifier to fine-tune: Hub repo id or folder (AutoModelForImageClassification)"
+    )
+    model_revision: str | None = _option(None, "a Hub model's branch, tag or commit")
+    pretrained: bool = _option(True, "a Hub model starts from its published weights (false: only its architecture)")
     init_from: str | None = _option(
         None, "start from a saved model (a run's best/ folder or a Hub repo id); it sets --model and --model_args"
     )
     init_revision: str | None = _option(None, "with --init_from a Hub repo: its branch, tag or commit")
-    freeze_backbone: bool = _option(False, "with --init_from: train only the classifier layer (linear probing)")
+    freeze_backbone: bool = _option(
+        False, "with --init_from or a Hub model: train only the classifier layer (linear probing)"
+    )
     model_args: dict[str, Any] = _option({}, "JSON object of extra constructor arguments, e.g. '{\"dropout\": 0.3}'")
     # Optimisation
     epochs: float = _option(24, "passes over the training set; a fraction stops the last one early (9.9)")
@@ -155,6 +171,10 @@ class TrainConfig:
     bias_lr_scale: float = _option(1.0, "learning-rate multiplier for BatchNorm biases (their decay is divided by it)")
     whiten_bias_epochs: int | None = _option(None, "airbench models: epochs the whitening bias trains (default: all)")
     whiten_bias_lr_scale: float = _option(1.0, "learning-rate multiplier for the whitening bias (decay divided by it)")
+    layer_decay: float | None = _option(
+        None, "Hub models: each layer's learning rate is this times the next one's, the head's the peak (timm's)"
+    )
+    head_lr_scale: float = _option(1.0, "Hub models: learning-rate multiplier of the classifier layer")
     whiten_bias_decay: bool = _option(
         False, "the whitening bias's learning rate falls straight to 0 over --whiten_bias_epochs (airbench94_muon)"
     )
@@ -252,9 +272,7 @@ class TrainConfig:
         if self.compile_mode != "default" and not self.compile:
             raise UserError(f"--compile_mode {self.compile_mode} needs --compile")
         self._check_optimizer_settings()
-        for name in ("init_revision", "freeze_backbone"):
-            if getattr(self, name) and not self.init_from:
-                raise UserError(f"--{name} needs --init_from: the saved model to start from")
+        self._check_model_source()
         if self.data_loader == "device" and (self.auto_augment or self.random_erasing):
             flag = "--auto_augment" if self.auto_augment else "--random_erasing"
             raise UserError(f"{flag} runs per image in the torch loader's workers; use --data_loader torch")
@@ -274,6 +292,24 @@ class TrainConfig:
         if self.whiten_bias_decay and self.whiten_bias_epochs is None:
             raise UserError("--whiten_bias_decay needs --whiten_bias_epochs: the epochs over which it falls to 0")
 
+    def _check_model_source(self) -> None:
+        """The settings of one kind of model (cifar_accel's own, a saved one, a Hub model) are refused with another."""
+        if self.model_name_or_path is not None and not self.model_name_or_path.strip():
+            raise UserError("--model_name_or_path must name a Hub repo or a folder, got an empty string")
+        if self.model_name_or_path and self.model != default_of(TrainConfig.__dataclass_fields__["model"]):
+            raise UserError(f"--model {self.model} and --model_name_or_path name two models: give one")
+        if self.init_revision and not self.init_from:
+            raise UserError("--init_revision needs --init_from: the saved model to start from")
+        if self.uses_hub_model and self.init_from:
+            raise UserError("--init_from starts from a cifar_accel model; a Hub model starts from its own weights")
+        hub_only = {"model_revision": self.model_revision, "pretrained": not self.pretrained,
+                    "layer_decay": self.layer_decay, "head_lr_scale": self.head_lr_scale != 1}  # fmt: skip
+        for name, given in hub_only.items():
+            if given and not self.uses_hub_model:
+                raise UserError(f"--{name} is for Hub models (--model timm/NAME, --model_name_or_path ...)")
+        if self.freeze_backbone and not (self.init_from or self.uses_hub_model):
+            raise UserError("--freeze_backbone needs weights to keep: --init_from, or a Hub model")
+
     def _check_types(self) -> None:
         """Settings from a recipe, a saved config or Python code have the type their flag would give."""
         for name, annotation in typing.get_type_hints(TrainConfig).items():
@@ -286,8 +322,19 @@ class TrainConfig:
             raise UserError(f"--{name} must be {expected}, got {value!r}")
 
     @property
+    def uses_hub_model(self) -> bool:
+        """A timm or transformers model (``zoo``), rather than one of cifar_accel's own."""
+        return bool(self.model_name_or_path) or self.model.startswith(TIMM_MODEL_PREFIXES)
+
+    @property
+    def resize_on_load(self) -> int | None:
+        """The side images are resized to when decoded: a Hub model resizes them itself, on the accelerator."""
+        return None if self.uses_hub_model else self.image_size
+
+    @property
     def image_side(self) -> int:
-        return self.image_size or IMAGE_SIDE
+        """The side of the images the loaders crop, flip and cut out."""
+        return self.resize_on_load or IMAGE_SIDE
 
     @property
     def epoch_count(self) -> int:

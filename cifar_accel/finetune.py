@@ -12,9 +12,11 @@ from torch import nn
 
 from cifar_accel.checkpoint import saved_base_model
 from cifar_accel.errors import UserError
-from cifar_accel.hub import download_model_files, looks_like_local_path
+from cifar_accel.hub import download_config, download_model_files
+from cifar_accel.hub_access import looks_like_local_path
 from cifar_accel.models import classifier_layer
 from cifar_accel.saved_model import WEIGHTS_NAME, load_state_strictly, model_folder, read_model_config, read_weights
+from cifar_accel.zoo import CIFAR_ACCEL, TIMM, TRANSFORMERS, ZooClassifier, saved_library
 
 
 @dataclass
@@ -66,9 +68,34 @@ def resumed_base_model(checkpoint: Path, source: str, revision: str | None = Non
     return BaseModel(saved["source"], None, config, saved["revision"])
 
 
+def hub_model_settings(source: str, revision: str | None = None) -> dict | None:
+    """``--init_from`` a model in timm's or transformers' own format (a run of a Hub model saved one): the flags that
+    train it (``--model local-dir:...``/``hf-hub:...`` or ``--model_name_or_path``); None for cifar_accel's format."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        folder = model_folder(folder)
+        library, where = saved_library(folder), str(folder.resolve())
+        if revision is not None and library != CIFAR_ACCEL:
+            raise UserError(f"--init_revision is for Hub repos; --init_from {source} is a local folder")
+        spelled = {TIMM: {"model": f"local-dir:{where}"}, TRANSFORMERS: {"model_name_or_path": where}}
+    elif looks_like_local_path(source):
+        return None  # find_base_model says there is no such folder
+    else:
+        library = saved_library(download_config(source, revision))
+        spelled = {TIMM: {"model": f"hf-hub:{source}"}, TRANSFORMERS: {"model_name_or_path": source}}
+        spelled = {name: {**flags, "model_revision": revision} for name, flags in spelled.items()}
+    return spelled.get(library)
+
+
 def architecture_settings(settings: dict) -> dict:
     """``settings`` (a recipe's and the flags') with the base model's architecture, refusing a contradiction,
-    and its ``--image_size`` unless one is given."""
+    and its ``--image_size`` unless one is given. A model in a Hub library's format is trained as that library's."""
+    hub_model = hub_model_settings(settings["init_from"], settings.get("init_revision"))
+    if hub_model is not None:
+        kept = {name: value for name, value in settings.items() if name not in ("init_from", "init_revision")}
+        if "model" in kept and kept["model"] != hub_model.get("model", kept["model"]):
+            raise UserError(f"--model {kept['model']} contradicts --init_from {settings['init_from']}: give one")
+        return {**kept, **hub_model}
     base = find_base_model(settings["init_from"], settings.get("init_revision"))
     saved = {"model": base.config["architecture"], "model_args": base.config["model_args"]}
     for name, value in saved.items():
@@ -103,7 +130,7 @@ def load_base_weights(network: nn.Module, base: BaseModel) -> str | None:
 def freeze_backbone(network: nn.Module) -> None:
     """Train only the classifier layer (linear probing): every other parameter stops requiring a gradient, and
     every other module stays in evaluation mode, so BatchNorm keeps the base model's statistics and dropout is off."""
-    _, classifier = classifier_layer(network)
+    classifier = network.head if isinstance(network, ZooClassifier) else classifier_layer(network)[1]
     trained = {id(parameter) for parameter in classifier.parameters()}
     for parameter in network.parameters():
         parameter.requires_grad_(id(parameter) in trained)

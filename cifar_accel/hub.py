@@ -5,36 +5,25 @@ written by a push. The token goes to ``huggingface_hub`` and is never printed or
 message and URL given back passes through ``redact``, so credentials inside ``HF_ENDPOINT`` stay hidden.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token, hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub import CommitOperationAdd, HfApi, get_token, hf_hub_download
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from cifar_accel.errors import UserError
+from cifar_accel.hub_access import hub_errors, looks_like_local_path
 from cifar_accel.model_card import build_model_card
 from cifar_accel.models import get_model
-from cifar_accel.redaction import redact, redact_log_records
+from cifar_accel.redaction import redact
 from cifar_accel.run_files import BEST_MODEL_FOLDER, PLOTS_FOLDER, RESULTS_FILE, RUN_CONFIG_FILE, RUN_FILES_PUBLISHED
 from cifar_accel.run_records import read_run_json
 from cifar_accel.saved_model import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_config
+from cifar_accel.zoo import CIFAR_ACCEL, TRANSFORMERS, load_zoo_folder, saved_library
 
-# Uploaded beside the weights, config and card: what a reader needs to trust and reproduce the numbers.
-
-
-def looks_like_local_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``owner/name``; anything else is meant as a path on disk."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+# A transformers model's image processor, saved beside its weights and config.
+PROCESSOR_NAME = "preprocessor_config.json"
+CARD = "README.md"
 
 
 def default_dataset_id(run_dir: Path) -> str | None:
@@ -63,70 +52,9 @@ def resolve_token(token: str | None = None) -> str:
     return token
 
 
-def _is_network_error(error: Exception) -> bool:
-    # The client's HTTP library has changed across versions (requests, httpx, httpx2): match by module.
-    return isinstance(error, ConnectionError) or type(error).__module__.split(".")[0] in (
-        "httpx", "httpx2", "requests", "urllib3",
-    )  # fmt: skip
-
-
-@contextmanager
-def hub_errors(
-    action: str,
-    repo_id: str,
-    revision: str | None = None,
-    filename: str | None = None,
-    token: str | None = None,
-) -> Iterator[None]:
-    """Turn the client's exceptions into one line that starts with ``action``, with no secret in it
-    (``token``, ``HF_TOKEN``, credentials inside ``HF_ENDPOINT`` or what the server or client echoed)."""
-    endpoint = constants.ENDPOINT
-    redact_log_records()  # the client's own warnings name the URLs it retries
-
-    def refusal(message: str) -> UserError:
-        return UserError(redact(message, token))
-
-    try:
-        yield
-    except RevisionNotFoundError:
-        raise refusal(f"{action}: {repo_id} has no revision {revision!r}") from None
-    except GatedRepoError:  # (a kind of RepositoryNotFoundError)
-        raise refusal(
-            f"{action}: {repo_id} is gated: accept its terms on the Hub ({endpoint}/{repo_id}) with the account "
-            "whose token is used"
-        ) from None
-    except RepositoryNotFoundError:
-        raise refusal(
-            f"{action}: {repo_id} not found on {endpoint}, or it is private and the token cannot read it"
-        ) from None
-    except LocalEntryNotFoundError:
-        if constants.HF_HUB_OFFLINE:
-            raise refusal(
-                f"{action}: {repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
-                "unset it where the Hub can be reached, or pass a local folder"
-            ) from None
-        raise refusal(f"{action}: cannot reach {endpoint}, and {repo_id} is not in the Hugging Face cache") from None
-    except EntryNotFoundError:
-        raise refusal(f"{action}: {repo_id} has no {filename}, so it is not a cifar_accel model") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        server_says = f" ({error.server_message.splitlines()[0]})" if error.server_message else ""
-        if status == 401:
-            raise refusal(
-                f"{action}: the Hub refused the token (HTTP 401){server_says}; "
-                "check --token, HF_TOKEN or `hf auth login`"
-            ) from None
-        if status == 403:
-            raise refusal(f"{action}: permission denied for {repo_id} (HTTP 403){server_says}") from None
-        raise refusal(f"{action}: the Hub answered HTTP {status}{server_says}") from None
-    except Exception as error:
-        if _is_network_error(error):
-            raise refusal(f"{action}: cannot reach {endpoint} ({error})") from None
-        raise
-
-
 def download_model_files(repo_id: str, revision: str | None = None, **download_options) -> Path:
-    """The folder in the Hugging Face cache holding a repo's ``config.json`` and ``model.safetensors``.
+    """The folder in the Hugging Face cache holding a repo's ``config.json`` and ``model.safetensors`` (and a
+    transformers model's image processor).
 
     Through the cache: once downloaded, ``HF_HUB_OFFLINE=1`` loads it without the network.
     """
@@ -134,28 +62,43 @@ def download_model_files(repo_id: str, revision: str | None = None, **download_o
         validate_repo_id(repo_id)
     except HFValidationError:
         raise UserError(f"{repo_id!r} is neither a folder holding a saved model nor a valid Hub repo id") from None
-    path = None
-    for filename in (CONFIG_NAME, WEIGHTS_NAME):
+
+    folder = download_config(repo_id, revision, **download_options)
+    extra = (PROCESSOR_NAME,) if saved_library(folder) == TRANSFORMERS else ()
+    for filename in (*extra, WEIGHTS_NAME):
         with hub_errors(f"cannot download {repo_id}", repo_id, revision, filename):
-            path = hf_hub_download(repo_id, filename, revision=revision, **download_options)
-    return Path(path).parent
+            hf_hub_download(repo_id, filename, revision=revision, **download_options)
+    return folder
 
 
-def check_saved_model(directory: Path) -> dict:
-    """The weights load, strictly, into the architecture their config names; returns the config."""
+def download_config(repo_id: str, revision: str | None = None, **download_options) -> Path:
+    """The folder in the Hugging Face cache where a repo's ``config.json`` now is."""
+    with hub_errors(f"cannot download {repo_id}", repo_id, revision, CONFIG_NAME):
+        return Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **download_options)).parent
+
+
+def check_saved_model(directory: Path) -> str:
+    """The weights load, strictly, into the architecture their config names; returns that architecture."""
+    library = saved_library(directory)
+    if library != CIFAR_ACCEL:
+        network, _ = load_zoo_folder(directory, library)
+        return f"{library} {type(network.network).__name__}"
     config = read_model_config(directory)
     network = get_model(config["architecture"], num_classes=config["num_classes"], **config["model_args"])
     load_weights(network, directory, config["architecture"])
-    return config
+    return config["architecture"]
 
 
 def run_upload(run_dir: Path) -> dict[str, Path]:
     """Path in the repo -> local file, for a finished run folder; refuses an unfinished one."""
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist; pass --run_dir the --output_dir of a training run")
+    best = run_dir / BEST_MODEL_FOLDER
+    saved = [best / name for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    if best.is_dir():  # and what a library saves beside them (an image processor); the card is written anew
+        saved += sorted(path for path in best.iterdir() if path.is_file() and path not in saved and path.name != CARD)
     files = {
-        WEIGHTS_NAME: run_dir / BEST_MODEL_FOLDER / WEIGHTS_NAME,
-        CONFIG_NAME: run_dir / BEST_MODEL_FOLDER / CONFIG_NAME,
+        **{path.name: path for path in saved},
         **{name: run_dir / name for name in RUN_FILES_PUBLISHED},
     }
     results = files[RESULTS_FILE]
@@ -189,10 +132,10 @@ def push_run(
     run_dir = Path(run_dir)
     check_repo_id(repo_id)
     files = run_upload(run_dir)
-    config = check_saved_model(run_dir / BEST_MODEL_FOLDER)
+    architecture = check_saved_model(run_dir / BEST_MODEL_FOLDER)
     card = build_model_card(run_dir, repo_id, dataset_id or default_dataset_id(run_dir), license)
     token = resolve_token(token)
-    operations = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode())]
+    operations = [CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=str(card).encode())]
     operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files.items()]
     api = HfApi(token=token)
     with hub_errors(f"cannot push to {repo_id}", repo_id, revision, token=token):
@@ -202,7 +145,7 @@ def push_run(
         api.create_commit(
             repo_id,
             operations,
-            commit_message=commit_message or f"Upload {config['architecture']} trained with cifar_accel",
+            commit_message=commit_message or f"Upload {architecture} trained with cifar_accel",
             revision=revision,
         )
     return redact(f"{repo_url}/tree/{revision}" if revision else str(repo_url), token)

@@ -171,8 +171,10 @@ def _lab_to_rgb(image: Image.Image, where: str) -> Image.Image:
     return ImageCms.applyTransform(image, transform)
 
 
-def resized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """A uint8 ``C x H x W`` image at ``height x width`` (itself when it already is): bilinear, antialiased."""
+def resized(image: torch.Tensor, height: int, width: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """A uint8 ``C x H x W`` image at ``height x width`` (itself when it already is): antialiased, bilinear or as
+    named (a Hub model's own: "bicubic" for most timm models)."""
     if tuple(image.shape[-2:]) == (height, width):
         return image
-    return v2.functional.resize(image, [height, width], antialias=True)
+    mode = v2.InterpolationMode(interpolation)
+    return v2.functional.resize(image, [height, width], interpolation=mode, antialias=True)

@@ -15,6 +15,7 @@ from cifar_accel import __version__
 from cifar_accel.run_files import BEST_MODEL_FOLDER, CONFUSION_PLOT, CURVES_PLOT, PLOTS_FOLDER, RESULTS_FILE
 from cifar_accel.run_records import read_finished_run, require_fields
 from cifar_accel.saved_model import read_model_config
+from cifar_accel.zoo import CIFAR_ACCEL, TIMM, folder_summary, saved_library
 
 LIBRARY_NAME = "cifar-accel"
 # The last two are those huggingface_hub's PyTorchModelHubMixin gives the cards it writes, kept in ours.
@@ -69,6 +70,36 @@ print(model.predict(Image.open("cat.png"), top_k=3))  # [{{'label': ..., 'score'
 ```
 
 or from the shell: `cifar-accel predict --model {model_reference} cat.png`
+"""
+
+
+def _library_usage(library: str, model_reference: str) -> str:
+    """How a timm or transformers user loads the model with their own library: no cifar_accel needed."""
+    if library == TIMM:
+        hub_name = (
+            f"hf-hub:{model_reference}" if not model_reference.startswith("/") else f"local-dir:{model_reference}"
+        )
+        code = f"""import timm
+from PIL import Image
+
+model = timm.create_model("{hub_name}", pretrained=True).eval()
+transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))  # the preprocessing trained with
+probabilities = model(transform(Image.open("cat.png").convert("RGB"))[None]).softmax(dim=1)
+print(model.pretrained_cfg["label_names"][probabilities.argmax()])"""
+    else:
+        code = f"""from transformers import pipeline
+
+classifier = pipeline("image-classification", model="{model_reference}")
+print(classifier("cat.png"))  # [{{'label': ..., 'score': ...}}, ...], most likely first"""
+    return f"""## Usage
+
+With {library} alone, in the library's own format:
+
+```python
+{code}
+```
+
+or with cifar_accel: `cifar-accel predict --model {model_reference} cat.png`
 """
 
 
@@ -169,12 +200,16 @@ def build_model_card(
     run = read_finished_run(run_dir)
     settings, results = run.settings, run.results
     require_fields(results, run_dir / RESULTS_FILE, CARD_RESULTS)
-    config = read_model_config(run_dir / BEST_MODEL_FOLDER)
+    best = run_dir / BEST_MODEL_FOLDER
+    library = saved_library(best)
+    config = read_model_config(best) if library == CIFAR_ACCEL else folder_summary(best)
     final = results["final_metrics"]
     dataset_name = dataset_id or Path(settings["dataset"]).name
     model_name = repo_id.split("/")[-1] if repo_id else f"{config['architecture']}-{dataset_name}"
     base = settings.get("base_model")  # with --init_from
     on_hub = base is not None and base["revision"] is not None
+    hub_model = settings.get("hub_model")  # a timm or transformers model, fine-tuned from its Hub repo
+    fine_tuned_from = hub_model["source"] if hub_model and hub_model["on_hub"] and hub_model["pretrained"] else None
     # Say what the number is: of part of the split only, and/or of the split that chose the epoch. A run records
     # subset_seed since --max_eval_samples draws at random; before, it took the first n images.
     partial = settings.get("max_eval_samples") is not None
@@ -200,11 +235,16 @@ def build_model_card(
         metric_value=final["top1"],
     )
     card_data = ModelCardData(
-        base_model=base["source"] if on_hub else None,  # the Hub links a fine-tune to the repo it started from
-        library_name=LIBRARY_NAME,
+        # The Hub links a fine-tune to the repo it started from.
+        base_model=fine_tuned_from or (base["source"] if on_hub else None),
+        base_model_relation="finetune" if fine_tuned_from else None,
+        library_name=LIBRARY_NAME if library == CIFAR_ACCEL else library,
         pipeline_tag="image-classification",
         license=license,
-        tags=[*TAGS, config["architecture"]],
+        tags=[
+            *(TAGS if library == CIFAR_ACCEL else ("image-classification", LIBRARY_NAME, library)),
+            config["architecture"],
+        ],  # fmt: skip
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         model_name=model_name if dataset_id else None,  # only the model-index uses it
@@ -222,6 +262,14 @@ def build_model_card(
         if on_hub:
             where = f"`{base['source']}` at revision `{base['revision']}`"
         started_from = f" It started from {where}, a {base['num_classes']}-class model."
+    if hub_model:
+        where = f"`{hub_model['source']}`" + (
+            f" at revision `{hub_model['revision']}`" if hub_model["revision"] else ""
+        )
+        weights = "the published weights of" if hub_model["on_hub"] else "the weights in"
+        if not hub_model["pretrained"]:
+            weights = "random weights, in the architecture of"
+        started_from = f" It started from {weights} {where} ({library})."
     images = f"{final['n']:,} images"
     if partial:
         images = f"{images} drawn at random (seed {settings['subset_seed']})" if drawn else f"the first {images}"
@@ -231,6 +279,8 @@ def build_model_card(
         f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {images} of its "
         f"`{final['split']}` split{chose}.{started_from}\n\n"
         f"{_results_section(results, dataset_name)}\n{''.join(figures)}{_training_section(settings, results)}\n"
-        f"{_usage(repo_id or str(run_dir / BEST_MODEL_FOLDER))}"
+        + (_usage if library == CIFAR_ACCEL else lambda reference: _library_usage(library, reference))(
+            repo_id or str((run_dir / BEST_MODEL_FOLDER).resolve())
+        )
     )
     return _card(card_data, body)

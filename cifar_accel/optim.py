@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from cifar_accel.errors import UserError
+from cifar_accel.zoo import ZooClassifier
 
 # airbench94_muon's Newton-Schulz iterations per Muon step (torch's default, 5, orthogonalises further).
 NEWTON_SCHULZ_STEPS = 3
@@ -26,6 +27,8 @@ def parameter_groups(parameters: list[nn.Parameter], model: nn.Module, config) -
     ``whiten_bias_lr_scale`` times, and each a weight decay divided by its scale, so that the decay
     applied per step (learning rate x decay) stays that of the other weights.
     """
+    if isinstance(model, ZooClassifier):
+        return hub_model_groups(parameters, model, config)
     norm_biases = {id(module.bias) for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)}
     whitening = getattr(model, "whiten", None)
     whitening_bias = {id(whitening.bias)} if whitening is not None else set()
@@ -37,6 +40,20 @@ def parameter_groups(parameters: list[nn.Parameter], model: nn.Module, config) -
         {"name": name, "params": groups[name], "lr": config.learning_rate * scale,
          "weight_decay": config.weight_decay / scale}
         for name, scale in scales.items()
+    ]  # fmt: skip
+
+
+def hub_model_groups(parameters: list[nn.Parameter], model: ZooClassifier, config) -> list[dict]:
+    """A Hub model's ``parameters`` by learning-rate scale (``--layer_decay``, ``--head_lr_scale``) and by whether
+    weight decay applies (not to biases, norms, position embeddings), in the order of their first parameter."""
+    scales, decayed = model.learning_rate_scales(config.layer_decay, config.head_lr_scale), model.decayed()
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for parameter in parameters:
+        groups.setdefault((scales[id(parameter)], id(parameter) in decayed), []).append(parameter)
+    return [
+        {"name": f"lr_x{scale:.6g}" + ("" if decays else "_no_decay"), "params": members,
+         "lr": config.learning_rate * scale, "weight_decay": config.weight_decay if decays else 0.0}
+        for (scale, decays), members in groups.items()
     ]  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from cifar_accel.files import check_writable_folder
 from cifar_accel.hub import check_repo_id, resolve_token
 from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
 from cifar_accel.reporting import tracker_names
+from cifar_accel.zoo import check_folder_library, require, zoo_source
 
 
 def preflight(config: TrainConfig) -> None:
@@ -27,7 +28,12 @@ def preflight(config: TrainConfig) -> None:
 
 
 def check_model(config: TrainConfig) -> None:
-    """Build the network without memory (meta device), so bad --model_args are refused before any work."""
+    """Build the network without memory (meta device), so bad --model_args are refused before any work. A Hub model
+    is built with the data's classes once they are known; here its library must be installed, and a folder hold it."""
+    if source := zoo_source(config):
+        require(source.library)
+        check_folder_library(source)
+        return
     if config.model not in list_models():
         raise UserError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}")
     side = config.image_side if config.image_side != IMAGE_SIDE else None

@@ -17,6 +17,7 @@ from cifar_accel.config import TrainConfig
 from cifar_accel.data import SUBSET_SEED, DataBundle, classes_without_examples
 from cifar_accel.reporting import tracker_config
 from cifar_accel.run_state import Run
+from cifar_accel.zoo import zoo_source
 
 
 def start_records(run: Run) -> None:
@@ -32,7 +33,7 @@ def start_records(run: Run) -> None:
         tracker_options["tensorboard"] = {"purge_step": run.progress.epoch}
     accelerator.init_trackers("cifar_accel", tracker_config(resolved), tracker_options)
     accelerator.print(
-        f"{config.model}: {sum(p.numel() for p in run.model.parameters()):,} parameters | "
+        f"{config.model_name_or_path or config.model}: {sum(p.numel() for p in run.model.parameters()):,} parameters | "
         f"{len(data.train)} train / {len(data.evaluation)} {data.selection_split} examples, "
         f"{data.num_classes} classes | {accelerator.num_processes} process(es) on {accelerator.device}, "
         f"global batch {resolved['global_batch_size']}, mixed precision {accelerator.mixed_precision}"
@@ -50,6 +51,7 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
     return {
         **config.to_dict(),
         "base_model": base_model,
+        "hub_model": source.record() if (source := zoo_source(config)) else None,
         "mixed_precision": accelerator.mixed_precision,
         "num_processes": accelerator.num_processes,
         "global_batch_size": config.batch_size * accelerator.num_processes * config.gradient_accumulation_steps,

@@ -9,6 +9,7 @@ import contextlib
 from cifar_accel.reporting import numeric_values, selected_metric
 from cifar_accel.run_state import Run
 from cifar_accel.saved_model import WEIGHTS_NAME, model_config, save_model
+from cifar_accel.zoo import ZooClassifier, save_zoo_model
 
 
 class BestModelSaver:
@@ -53,15 +54,16 @@ class BestModelSaver:
             run.folder.save_metrics(run.progress.records)
 
     def save(self) -> None:
-        """The model as it is now, as the run's saved model (main process only)."""
+        """The model as it is now, as the run's saved model (main process only): a Hub model in its library's
+        own format, any other in cifar_accel's."""
         run = self.run
         if run.folder:
             data = run.data
+            network = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+            if isinstance(network, ZooClassifier):
+                save_zoo_model(network, run.folder.best_model_dir, data.class_names)
+                return
             saved_model_config = model_config(
                 run.config.model, run.config.model_args, data.class_names, data.mean, data.std, run.config.image_size
             )
-            save_model(
-                run.accelerator.unwrap_model(run.model, keep_torch_compile=False),
-                run.folder.best_model_dir,
-                saved_model_config,
-            )
+            save_model(network, run.folder.best_model_dir, saved_model_config)

@@ -9,11 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image
+from hub_server import StandInHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tokens of the stand-in Hub's users: distinctive, so a leak anywhere is found by a substring search.
+ALICE = "hf_alice_0123456789secret"
+BOB = "hf_bob_0123456789secret"
 # The first four are the colour datasets' classes; all ten, a 10-class set to fine-tune from.
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (200, 40, 200), (40, 200, 200),
            (120, 120, 120), (250, 250, 250), (10, 10, 10), (250, 140, 20)]  # fmt: skip
@@ -120,3 +125,23 @@ def replace_column_values(dataset_root: Path, split: str, column: str, changes: 
     index = table.schema.get_field_index(column)
     table = table.set_column(index, table.schema.field(index), pa.array(values, type=table.schema.field(index).type))
     pq.write_table(table, path)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    # hf_xet would upload through Xet, which the stand-in does not have: take the plain LFS path.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    # No token from this machine: none in the environment, none stored by `hf auth login`.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "stored_token"))
+    with StandInHub({ALICE: "alice", BOB: "bob"}) as server:
+        # What HF_ENDPOINT does, for this process (the client reads it once, at import).
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        yield server
+
+
+def hub_env(hub: StandInHub, tmp_path: Path, **extra: str) -> dict:
+    """A subprocess pointed at the stand-in with its own empty Hugging Face cache."""
+    return {**hub.client_env(), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "", **extra}

@@ -1,6 +1,8 @@
 """``train.py`` with one more model, ``slow_bn_cnn``: seed 004's BatchNorm CNN whose steps take
 ``CIFAR_ACCEL_TEST_STEP_SECONDS`` (default 0) longer, half in the forward pass and half in the backward,
 spread over its convolutions. Steps slower than a launcher's grace, as a CPU's are, without the CPU time.
+A Hub model's training step (``zoo.ZooClassifier``) takes as much longer, in its forward pass: long enough
+to be killed in the middle of a tiny run.
 
 Launched by tests/test_stop_signals.py as ``accelerate launch tests/slow_train.py ...``.
 """
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 from cifar_accel.cli import train_main
 from cifar_accel.models import register_model
 from cifar_accel.models.bn_cnn import BatchNormCNN
+from cifar_accel.zoo import ZooClassifier
 
 STEP_SECONDS_VARIABLE = "CIFAR_ACCEL_TEST_STEP_SECONDS"
 
@@ -60,6 +63,18 @@ def slow_bn_cnn(num_classes: int = 10) -> nn.Module:
     model.features = nn.Sequential(*layers)
     return model
 
+
+_hub_model_forward = ZooClassifier.forward
+
+
+def _slow_hub_model_forward(self: ZooClassifier, images: Tensor) -> Tensor:
+    if self.training:
+        _pause(1)
+        _pause(1)
+    return _hub_model_forward(self, images)
+
+
+ZooClassifier.forward = _slow_hub_model_forward
 
 if __name__ == "__main__":
     train_main()

@@ -10,9 +10,8 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from conftest import cifar_accel_command, run_command
+from conftest import ALICE, BOB, cifar_accel_command, hub_env, run_command
 from datasets import load_dataset
-from hub_server import StandInHub
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -23,8 +22,6 @@ from cifar_accel.errors import UserError
 from cifar_accel.hub import push_run
 from cifar_accel.model_card import build_model_card
 
-ALICE = "hf_alice_0123456789secret"  # distinctive, so a leak anywhere is found by a substring search
-BOB = "hf_bob_0123456789secret"
 PUBLISHED = {"README.md", "model.safetensors", "config.json", "train_config.json", "metrics.jsonl", "summary.csv",
              "results.json", "plots/curves.png", "plots/confusion_matrix.png"}  # fmt: skip
 
@@ -38,26 +35,6 @@ def run_dir(colour_dataset, tmp_path_factory) -> Path:
     result = run_command(cifar_accel_command(*command))
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir / "run"
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    # hf_xet would upload through Xet, which the stand-in does not have: take the plain LFS path.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    # No token from this machine: none in the environment, none stored by `hf auth login`.
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "stored_token"))
-    with StandInHub({ALICE: "alice", BOB: "bob"}) as server:
-        # What HF_ENDPOINT does, for this process (the client reads it once, at import).
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
-        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        yield server
-
-
-def _hub_env(hub: StandInHub, tmp_path: Path, **extra: str) -> dict:
-    """A subprocess pointed at the stand-in with its own empty Hugging Face cache."""
-    return {**hub.client_env(), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": "", **extra}
 
 
 def _snapshot(folder: Path) -> dict:
@@ -151,7 +128,7 @@ def test_push_commits_the_run_once_and_the_model_downloads_with_the_same_logits(
     result = run_command(
         cifar_accel_command("push", "--run_dir", str(run_dir), "--repo_id", "alice/colours", "--dataset_id",
                             "uoft-cs/cifar10"),
-        env=_hub_env(hub, tmp_path, HF_TOKEN=ALICE),
+        env=hub_env(hub, tmp_path, HF_TOKEN=ALICE),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{hub.endpoint}/alice/colours" in result.stdout
@@ -187,7 +164,7 @@ def test_push_commits_the_run_once_and_the_model_downloads_with_the_same_logits(
         if offline == "1":
             hub.stop()
         result = run_command([sys.executable, "-c", script.replace("x.pt", str(tmp_path / "x.pt"))],
-                             env=_hub_env(hub, tmp_path, HF_HUB_OFFLINE=offline))  # fmt: skip
+                             env=hub_env(hub, tmp_path, HF_HUB_OFFLINE=offline))  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout.strip().splitlines()[-1]) == expected_logits
     assert ALICE not in result.stdout + result.stderr
@@ -273,7 +250,7 @@ def test_train_pushes_the_best_model_at_the_end(colour_dataset, hub, tmp_path):
     output = tmp_path / "run"
     flags = f"--dataset {colour_dataset} --output_dir {output} --model simple_cnn --epochs 1 --num_workers 0"
     command = cifar_accel_command("train", *flags.split(), "--push_to_hub", "--hub_model_id", "alice/trained")
-    result = run_command(command, env=_hub_env(hub, tmp_path, HF_TOKEN=ALICE))
+    result = run_command(command, env=hub_env(hub, tmp_path, HF_TOKEN=ALICE))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"pushed the best model to {hub.endpoint}/alice/trained" in result.stdout
     [commit] = hub.commits("alice/trained")
@@ -303,7 +280,7 @@ def test_a_model_pushed_to_the_hub_is_fine_tuned_by_repo_id_and_the_card_names_i
     output = tmp_path / "tuned"
     flags = f"--init_from alice/colours --dataset {colour_dataset} --output_dir {output} --epochs 1 --num_workers 0"
     command = cifar_accel_command("train", *flags.split(), "--push_to_hub", "--hub_model_id", "alice/tuned")
-    result = run_command(command, env=_hub_env(hub, tmp_path, HF_TOKEN=ALICE))
+    result = run_command(command, env=hub_env(hub, tmp_path, HF_TOKEN=ALICE))
     assert result.returncode == 0, result.stderr[-3000:]
     base_model = json.loads((output / "train_config.json").read_text())["base_model"]
     [pushed] = hub.commits("alice/colours")
@@ -315,7 +292,7 @@ def test_a_model_pushed_to_the_hub_is_fine_tuned_by_repo_id_and_the_card_names_i
     # Once cached, the base model is found without the network.
     hub.stop()
     script = "from cifar_accel.settings import parse_train_args as p; print(p(['--init_from', 'alice/colours']).model)"
-    result = run_command([sys.executable, "-c", script], env=_hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
+    result = run_command([sys.executable, "-c", script], env=hub_env(hub, tmp_path, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "simple_cnn", result.stderr[-3000:]
 
 

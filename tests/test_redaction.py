@@ -91,7 +91,7 @@ def test_log_records_are_redacted_once_installed(monkeypatch):
 def test_hub_errors_hide_what_the_client_echoed(no_secrets_in_environment, monkeypatch):
     import huggingface_hub
 
-    from cifar_accel.hub import hub_errors
+    from cifar_accel.hub_access import hub_errors
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", CREDENTIALED_ENDPOINT)
     with pytest.raises(UserError) as raised:

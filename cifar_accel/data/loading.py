@@ -91,7 +91,7 @@ def load_data(config: TrainConfig) -> DataBundle:
     named_splits = [(train, config.train_split), (evaluation, selection_split)]
     if held_out_test is not None:
         named_splits.append((held_out_test, config.eval_split))
-    (train_images, _), *_ = decode_splits(named_splits, image_column, label_column, config.image_size)
+    (train_images, _), *_ = decode_splits(named_splits, image_column, label_column, config.resize_on_load)
     mean, std = compute_mean_std(train_images)
     return DataBundle(
         train=train,
@@ -103,7 +103,7 @@ def load_data(config: TrainConfig) -> DataBundle:
         class_names=class_names,
         mean=mean,
         std=std,
-        resize_to=config.image_size,
+        resize_to=config.resize_on_load,
         dataset_revision=(revision := hub_revision(config.dataset, train)),
         dataset_pretty_name=pretty_name(config.dataset, revision),
     )

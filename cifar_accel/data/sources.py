@@ -11,7 +11,7 @@ import yaml
 from datasets import Dataset, DatasetDict, load_dataset
 
 from cifar_accel.errors import UserError
-from cifar_accel.hub import looks_like_local_path
+from cifar_accel.hub_access import looks_like_local_path
 
 HUB_UNREACHABLE = (
     "cannot reach the Hugging Face Hub to load {name!r}: pass --dataset PATH to a local copy, "
