@@ -39,7 +39,7 @@ def load_run_summary(run_dir: str | Path) -> RunSummary:
             images_per_second = sum(record["train_examples"] for record in records) / train_seconds
         return RunSummary(
             name=str(run_dir),
-            model=settings["model"],
+            model=settings.get("model_name_or_path") or settings["model"],
             recipe=settings.get("recipe") or "-",
             epochs=settings["epochs"],
             selected_by=results["selected_by"],

@@ -135,7 +135,7 @@ class TrainConfig:
         None, "a transformers image classifier to fine-tune: Hub repo id or folder (AutoModelForImageClassification)"
     )
     model_revision: str | None = _option(None, "a Hub model's branch, tag or commit")
-    pretrained: bool = _option(True, "a Hub model starts from its published weights (false: only its architecture)")
+    pretrained: bool = _option(True, "a Hub model starts from its published weights (--no-pretrained: random ones)")
     init_from: str | None = _option(
         None, "start from a saved model (a run's best/ folder or a Hub repo id); it sets --model and --model_args"
     )
@@ -324,7 +324,7 @@ class TrainConfig:
     @property
     def uses_hub_model(self) -> bool:
         """A timm or transformers model (``zoo``), rather than one of cifar_accel's own."""
-        return bool(self.model_name_or_path) or self.model.startswith(TIMM_MODEL_PREFIXES)
+        return names_hub_model(self.model, self.model_name_or_path)
 
     @property
     def resize_on_load(self) -> int | None:
@@ -353,6 +353,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def names_hub_model(model: str, model_name_or_path: str | None) -> bool:
+    """Whether ``--model`` and ``--model_name_or_path`` name a timm or transformers model."""
+    return bool(model_name_or_path) or model.startswith(TIMM_MODEL_PREFIXES)
 
 
 def default_of(setting: dataclasses.Field) -> Any:

@@ -79,8 +79,9 @@ def train_epoch(run: Run, saver: BestModelSaver, stop: StopRequest, bar: tqdm) -
     run.train_loader.set_epoch(epoch - 1)
     run.train_loader.dataset.set_epoch(epoch - 1)
     train_whitening_bias(run, epoch)
-    if not progress.step_in_epoch:
-        progress.epoch_learning_rate = run.schedulers[0].get_last_lr()[0]
+    if not progress.step_in_epoch:  # the peak's schedule (with --layer_decay the first group learns slower)
+        scheduler = run.schedulers[0].scheduler  # (inside Accelerate's wrapper)
+        progress.epoch_learning_rate = run.config.learning_rate * scheduler.lr_lambdas[0](scheduler.last_epoch)
     batches, data_wait = epoch_batches(run, epoch)
     steps = train_steps(
         run.model, batches, run.optimizers, run.schedulers, run.criterion, accelerator, run.epoch_totals,

@@ -58,11 +58,6 @@ def download_model_files(repo_id: str, revision: str | None = None, **download_o
 
     Through the cache: once downloaded, ``HF_HUB_OFFLINE=1`` loads it without the network.
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise UserError(f"{repo_id!r} is neither a folder holding a saved model nor a valid Hub repo id") from None
-
     folder = download_config(repo_id, revision, **download_options)
     extra = (PROCESSOR_NAME,) if saved_library(folder) == TRANSFORMERS else ()
     for filename in (*extra, WEIGHTS_NAME):
@@ -73,6 +68,10 @@ def download_model_files(repo_id: str, revision: str | None = None, **download_o
 
 def download_config(repo_id: str, revision: str | None = None, **download_options) -> Path:
     """The folder in the Hugging Face cache where a repo's ``config.json`` now is."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{repo_id!r} is neither a folder holding a saved model nor a valid Hub repo id") from None
     with hub_errors(f"cannot download {repo_id}", repo_id, revision, CONFIG_NAME):
         return Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision, **download_options)).parent
 

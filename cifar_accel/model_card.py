@@ -22,13 +22,14 @@ LIBRARY_NAME = "cifar-accel"
 TAGS = ("image-classification", LIBRARY_NAME, "model_hub_mixin", "pytorch_model_hub_mixin")
 # The settings a reader needs to judge and repeat a run; the card links train_config.json for the rest.
 KEY_SETTINGS = (
-    "recipe", "model", "model_args", "image_size", "epochs", "global_batch_size", "optimizer", "learning_rate",
+    "recipe", "model", "model_name_or_path", "model_revision", "pretrained", "model_args", "image_size", "epochs",
+    "global_batch_size", "optimizer", "learning_rate",
     "weight_decay", "momentum", "scheduler", "warmup_fraction", "warmup_start_fraction", "final_lr_fraction",
     "label_smoothing", "crop_padding", "cutout", "auto_augment", "random_erasing", "mixup", "cutmix",
     "alternating_flip", "drop_last", "lookahead", "model_ema", "max_grad_norm", "mixed_precision", "eval_strategy",
     "eval_epochs",
     "max_train_samples", "max_eval_samples", "validation_size", "seed", "init_from", "init_revision",
-    "freeze_backbone",
+    "freeze_backbone", "layer_decay", "head_lr_scale",
 )  # fmt: skip
 
 # Regularisers most runs do not use: a row only when they are on.
@@ -56,7 +57,10 @@ def _install_line() -> str:
     return f"Install cifar_accel {__version__}: `pip install -e .` in a checkout of its source at that version."
 
 
-def _usage(model_reference: str) -> str:
+def _usage(model_reference: str, library: str = CIFAR_ACCEL) -> str:
+    """How to load and use the model: with cifar_accel, or with its own library (a Hub model's run)."""
+    if library != CIFAR_ACCEL:
+        return _library_usage(library, model_reference)
     return f"""## Usage
 
 {_install_line()} Then:
@@ -103,15 +107,26 @@ or with cifar_accel: `cifar-accel predict --model {model_reference} cat.png`
 """
 
 
+def _library_metadata(library: str) -> tuple[str, list[str]]:
+    """The card's ``library_name`` and tags: the Hub shows a timm or transformers model's own loading code."""
+    if library == CIFAR_ACCEL:
+        return LIBRARY_NAME, [*TAGS]
+    return library, ["image-classification", LIBRARY_NAME, library]
+
+
 def _card(card_data: ModelCardData, body: str) -> ModelCard:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
 
 def minimal_model_card(config: dict, model_reference: str = "PATH_OR_REPO_ID") -> ModelCard:
-    """The card of a model saved outside a training run: what it is and how to use it."""
-    card_data = ModelCardData(library_name=LIBRARY_NAME, pipeline_tag="image-classification", tags=[*TAGS])
+    """The card of a model saved outside a training run: what it is and how to use it (a Hub model's, with its
+    library)."""
+    library = config.get("library", CIFAR_ACCEL)
+    library_name, tags = _library_metadata(library)
+    card_data = ModelCardData(library_name=library_name, pipeline_tag="image-classification", tags=tags)
     classes = ", ".join(config["class_names"])
-    body = f"# {config['architecture']}\n\nClasses ({config['num_classes']}): {classes}.\n\n{_usage(model_reference)}"
+    body = f"# {config['architecture']}\n\nClasses ({config['num_classes']}): {classes}.\n\n"
+    body += _usage(model_reference, library)
     return _card(card_data, body)
 
 
@@ -149,10 +164,16 @@ Per-class top-1 accuracy:
 
 
 def _training_section(settings: dict, results: dict) -> str:
+    hub_model = settings.get("hub_model")
+    unused = {"model"} if settings.get("model_name_or_path") else set()  # its default, when transformers' is trained
+    if not hub_model:
+        unused |= {"pretrained", "head_lr_scale"}  # meaningless for cifar_accel's own models
     shown = [
         name
         for name in KEY_SETTINGS
-        if settings.get(name) not in (None, {}) and (settings[name] or name not in SHOWN_ONLY_WHEN_ON)
+        if name not in unused
+        and settings.get(name) not in (None, {})
+        and (settings[name] or name not in SHOWN_ONLY_WHEN_ON)
     ]
     rows = "\n".join(f"| `{name}` | `{json.dumps(settings[name])}` |" for name in shown)
     if results["selected_by"] == "last":
@@ -168,7 +189,8 @@ def _training_section(settings: dict, results: dict) -> str:
             ", which scored higher than the trained weights themselves." if results["selected_by"] != "last" else "."
         )
     environment, timing = settings["environment"], results["timing"]
-    versions = ", ".join(f"{name} {environment[name]}" for name in ("cifar_accel", "torch", "accelerate", "datasets"))
+    libraries = ("cifar_accel", "torch", "accelerate", "datasets", "timm", "transformers")
+    versions = ", ".join(f"{name} {environment[name]}" for name in libraries if name in environment)
     return f"""## Training
 
 Trained with `cifar-accel train`; every setting is in `train_config.json` and every epoch in `metrics.jsonl`.
@@ -234,17 +256,15 @@ def build_model_card(
         metric_name=metric_name,
         metric_value=final["top1"],
     )
+    library_name, tags = _library_metadata(library)
     card_data = ModelCardData(
         # The Hub links a fine-tune to the repo it started from.
         base_model=fine_tuned_from or (base["source"] if on_hub else None),
         base_model_relation="finetune" if fine_tuned_from else None,
-        library_name=LIBRARY_NAME if library == CIFAR_ACCEL else library,
+        library_name=library_name,
         pipeline_tag="image-classification",
         license=license,
-        tags=[
-            *(TAGS if library == CIFAR_ACCEL else ("image-classification", LIBRARY_NAME, library)),
-            config["architecture"],
-        ],  # fmt: skip
+        tags=[*tags, config["architecture"]],
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         model_name=model_name if dataset_id else None,  # only the model-index uses it
@@ -279,8 +299,6 @@ def build_model_card(
         f"{config['num_classes']} classes, {_percent(final['top1'])} top-1 on {images} of its "
         f"`{final['split']}` split{chose}.{started_from}\n\n"
         f"{_results_section(results, dataset_name)}\n{''.join(figures)}{_training_section(settings, results)}\n"
-        + (_usage if library == CIFAR_ACCEL else lambda reference: _library_usage(library, reference))(
-            repo_id or str((run_dir / BEST_MODEL_FOLDER).resolve())
-        )
+        + _usage(repo_id or str((run_dir / BEST_MODEL_FOLDER).resolve()), library)
     )
     return _card(card_data, body)

@@ -9,7 +9,7 @@ import json
 from cifar_accel.config import IMAGE_SIDE, TrainConfig
 from cifar_accel.errors import UserError
 from cifar_accel.files import check_writable_folder
-from cifar_accel.hub import check_repo_id, resolve_token
+from cifar_accel.hub import check_repo_id, download_config, resolve_token
 from cifar_accel.models import NotBuildable, SideNotTaken, check_buildable, list_models
 from cifar_accel.reporting import tracker_names
 from cifar_accel.zoo import check_folder_library, require, zoo_source
@@ -33,6 +33,8 @@ def check_model(config: TrainConfig) -> None:
     if source := zoo_source(config):
         require(source.library)
         check_folder_library(source)
+        if source.on_hub:  # the repo and revision exist (its config.json, into the Hugging Face cache)
+            download_config(source.location, source.revision)
         return
     if config.model not in list_models():
         raise UserError(f"unknown model {config.model!r}; choose one of: {', '.join(list_models())}")

@@ -4,6 +4,7 @@
 (``resolved_settings``), and the software and device that trained the run (``environment``).
 """
 
+import importlib.metadata
 import platform
 from pathlib import Path
 
@@ -69,13 +70,14 @@ def resolved_settings(config: TrainConfig, accelerator: Accelerator, data: DataB
         "class_names": data.class_names,
         "mean": data.mean,
         "std": data.std,
-        "environment": environment(),
+        "environment": environment(source.library if source else None),
     }
 
 
-def environment() -> dict:
-    """The versions and the device a run was trained with."""
+def environment(hub_library: str | None = None) -> dict:
+    """The versions and the device a run was trained with (and the version of a Hub model's library)."""
     return {
+        **({hub_library: importlib.metadata.version(hub_library)} if hub_library else {}),
         "cifar_accel": __version__,
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,

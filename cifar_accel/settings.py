@@ -12,7 +12,7 @@ import os
 import typing
 from typing import Any
 
-from cifar_accel.config import TrainConfig, base_type, default_of, settings_by_section
+from cifar_accel.config import TrainConfig, base_type, default_of, names_hub_model, settings_by_section
 from cifar_accel.errors import UserError
 from cifar_accel.recipes import load_recipe
 from cifar_accel.run_files import RUN_CONFIG_FILE
@@ -37,6 +37,13 @@ RUN_RECORD_ONLY = (
 )  # fmt: skip
 # Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
 NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}
+# A Hub model's settings where neither a flag nor the recipe gives them: those of the transformers example that
+# fine-tunes one (run_image_classification_no_trainer.py: AdamW at 5e-5, no weight decay, linear decay, 3 epochs,
+# plain cross-entropy), with a 10% warm-up and a batch of 32 per device; cifar_accel's defaults train from scratch.
+HUB_MODEL_DEFAULTS = {
+    "optimizer": "adamw", "learning_rate": 5e-5, "weight_decay": 0.0, "epochs": 3, "label_smoothing": 0.0,
+    "warmup_fraction": 0.1, "batch_size": 32, "eval_batch_size": 64,
+}  # fmt: skip
 # The Hugging Face examples' spellings (run_image_classification_no_trainer.py and peers), accepted as ours.
 FLAG_ALIASES = {
     "dataset": ("--dataset_name",),
@@ -194,6 +201,8 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
         settings = {name: value for name, value in saved.items() if name in typing.get_type_hints(TrainConfig)}
     elif settings.get("init_from"):
         settings = architecture_settings(settings)
+    if names_hub_model(settings.get("model", ""), settings.get("model_name_or_path")):
+        settings = {**HUB_MODEL_DEFAULTS, **settings}
     config = TrainConfig(**settings)
     config.validate()
     return config

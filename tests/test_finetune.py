@@ -50,7 +50,7 @@ def test_what_contradicts_the_saved_model_is_refused_in_one_line(base_model, fla
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--freeze_backbone"], "--freeze_backbone needs --init_from"),
+        (["--freeze_backbone"], "--freeze_backbone needs weights to keep: --init_from, or a Hub model"),
         (["--init_revision", "main"], "--init_revision needs --init_from"),
         (["--init_from", "/no/such/model"], "--init_from /no/such/model: no such folder"),
         (["--init_from", "{empty}"], "config.json not found; a saved model is a folder holding"),

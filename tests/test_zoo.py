@@ -6,6 +6,7 @@ saver (timm's ``save_for_hf``, transformers' ``save_pretrained``), and published
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,13 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_command
+from conftest import ALICE, REPO_ROOT, accelerate_launch, hub_env, run_command
 from datasets import load_dataset
+from huggingface_hub import HfApi, ModelCard
 from safetensors.torch import load_file
 
 from cifar_accel import load_model
 from cifar_accel.cli import main
 from cifar_accel.engine import train
+from cifar_accel.errors import UserError
+from cifar_accel.hub import push_run
+from cifar_accel.model_card import build_model_card
 from cifar_accel.optim import build_optimizers
 from cifar_accel.settings import parse_train_args
 from cifar_accel.zoo import build_zoo_model, zoo_source
@@ -225,3 +230,160 @@ def test_a_hub_model_run_killed_mid_epoch_resumes_bit_for_bit(zoo_models, colour
         expected, actual = load_file(tmp_path / "reference" / weights), load_file(run_dir / weights)
         assert expected.keys() == actual.keys() and all(torch.equal(expected[key], actual[key]) for key in expected)
     assert (run_dir / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_pushed_models_load_from_the_hub_in_their_own_libraries_with_the_same_logits(fine_tuned, hub, tmp_path):
+    repos = {"timm vit": "alice/tiny-timm", "transformers vit": "alice/tiny-hf"}
+    for name, repo in repos.items():
+        push_run(fine_tuned[name][0], repo, token=ALICE)
+        [commit] = hub.commits(repo)
+        extra = {"preprocessor_config.json"} if name.startswith("transformers") else set()
+        assert {"README.md", "config.json", "model.safetensors", *extra} <= set(commit["files_added"])
+        card = ModelCard(commit["files_added"]["README.md"].decode())
+        assert card.data.library_name == name.split()[0]
+        usage = f'"hf-hub:{repo}", pretrained=True' if name.startswith("timm") else f'model="{repo}"'
+        assert usage in card.text
+    torch.save(random_images(), tmp_path / "images.pt")
+    # Through the real client, into an empty Hugging Face cache: each library's own loader, then cifar_accel's.
+    script = f"""import json, timm, torch, transformers, cifar_accel
+images = torch.load({str(tmp_path / "images.pt")!r})
+with torch.no_grad():
+    logits = {{
+        "timm": timm.create_model("hf-hub:alice/tiny-timm", pretrained=True).eval()(images),
+        "transformers": transformers.AutoModelForImageClassification.from_pretrained("alice/tiny-hf")(images).logits,
+        "cifar_accel timm": cifar_accel.load_model("alice/tiny-timm")(images),
+        "cifar_accel transformers": cifar_accel.load_model("alice/tiny-hf")(images),
+    }}
+labels = transformers.pipeline("image-classification", model="alice/tiny-hf").model.config.id2label
+print(json.dumps({{**{{name: value.tolist() for name, value in logits.items()}}, "labels": labels}}))"""
+    result = run_command([sys.executable, "-c", script], env=hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    downloaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in repos:
+        library = name.split()[0]
+        local = load_model(fine_tuned[name][0])(random_images()).tolist()
+        assert downloaded[library] == downloaded[f"cifar_accel {library}"] == local
+    assert list(downloaded["labels"].values()) == ["red", "green", "blue", "yellow"]
+
+
+@pytest.mark.parametrize("name", ["timm resnet", "transformers vit"])
+def test_a_hub_repo_is_fine_tuned_at_a_revision_and_the_card_names_it_as_base(
+    zoo_models, colour_dataset, hub, tmp_path, name
+):
+    repo = f"alice/{zoo_models[name].name}"
+    api = HfApi(endpoint=hub.endpoint, token=ALICE)
+    api.create_repo(repo)
+    api.upload_folder(repo_id=repo, folder_path=zoo_models[name])
+    flag = "--model_name_or_path" if name.startswith("transformers") else "--model"
+    spelled = repo if name.startswith("transformers") else f"hf-hub:{repo}"
+
+    def train_command(output_dir: Path, *extra: str) -> list[str]:
+        return [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(output_dir), flag,
+                spelled, *FEW_STEPS, *extra]  # fmt: skip
+
+    refused = run_command(train_command(tmp_path / "refused", "--model_revision", "nope"), env=hub_env(hub, tmp_path))
+    assert refused.returncode != 0 and not (tmp_path / "refused").exists()
+    [line] = refused.stderr.strip().splitlines()
+    assert f"{repo} has no revision 'nope'" in line
+    result = run_command(train_command(tmp_path / "run", "--model_revision", "main"), env=hub_env(hub, tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = build_model_card(tmp_path / "run", "alice/tuned", "uoft-cs/cifar10")
+    assert (card.data.base_model, card.data.base_model_relation) == (repo, "finetune")
+    assert f"It started from the published weights of `{repo}` at revision `main`" in card.text
+
+
+def test_timm_spellings_name_the_same_hub_repo():
+    for model in ("timm/resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k"):
+        source = zoo_source(parse_train_args(["--model", model]))
+        assert (source.library, source.location, source.on_hub, source.revision) == (
+            "timm",
+            "timm/resnet18.a1_in1k",
+            True,
+            None,
+        )
+    source = zoo_source(parse_train_args(["--model", "hf-hub:timm/resnet18.a1_in1k@v1"]))
+    assert source.revision == "v1"
+
+
+@pytest.fixture(scope="module")
+def mismatched(zoo_models, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the tiny models whose config.json describes a wider network than their weights."""
+    root = tmp_path_factory.mktemp("mismatched")
+    folders = {}
+    for name, key, setting in (("timm vit", "model_args", "depth"), ("transformers vit", None, "num_hidden_layers")):
+        folder = shutil.copytree(zoo_models[name], root / zoo_models[name].name)
+        config = json.loads((folder / "config.json").read_text())
+        (config[key] if key else config)[setting] = 3  # blocks the weights do not hold, or fewer
+        (folder / "config.json").write_text(json.dumps(config))
+        folders[name] = folder
+    return folders
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--model", "local-dir:{transformers vit}"],
+            "holds a transformers model, not a timm one; use --model_name_or",
+        ),
+        (["--model_name_or_path", "{timm vit}"], "holds a timm model, not a transformers one; use --model local-dir:"),
+        (["--model", "local-dir:/no/such/model"], "--model local-dir:/no/such/model: no such folder"),
+        (["--model_name_or_path", "./no/such/model"], "--model_name_or_path ./no/such/model: no such folder"),
+        (["--model", "local-dir:{mismatched timm vit}"], "its weights do not match its config.json"),
+        (["--model_name_or_path", "{mismatched transformers vit}"], "its weights do not match its config.json"),
+        (["--model", "local-dir:{timm vit}", "--model_revision", "v1"], "--model_revision is for Hub repos; .* local"),
+        (["--model", "local-dir:{timm vit}", "--layer_decay", "1.5"], r"--layer_decay must be in \(0, 1\]"),
+        (["--model", "resnet9", "--model_revision", "v1"], "--model_revision is for Hub models"),
+        (["--model", "resnet9", "--no-pretrained"], "--pretrained is for Hub models"),
+        (["--model", "resnet9", "--head_lr_scale", "10"], "--head_lr_scale is for Hub models"),
+        (["--model", "airbench94", "--model_name_or_path", "{transformers vit}"], "name two models: give one"),
+        (["--model", "resnet9", "--freeze_backbone"], "--freeze_backbone needs weights to keep"),
+    ],
+)
+def test_what_cannot_build_a_hub_model_is_refused_in_one_line_before_anything_is_written(
+    zoo_models, mismatched, colour_dataset, tmp_path, flags, message
+):
+    folders = {**{name: str(path) for name, path in zoo_models.items()},
+               **{f"mismatched {name}": str(path) for name, path in mismatched.items()}}  # fmt: skip
+    with pytest.raises(UserError, match=message):
+        train_run(colour_dataset, tmp_path / "run", *[flag.format(**folders) for flag in flags], *FEW_STEPS)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_library_is_one_line_naming_its_install_command(zoo_models, colour_dataset, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm gives on import
+    with pytest.raises(UserError, match=r'timm is not installed: pip install "cifar-accel\[timm\]"'):
+        train_run(colour_dataset, tmp_path / "run", *model_flags(zoo_models, "timm vit"), *FEW_STEPS)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_and_a_compiled_model_fine_tune_a_hub_model(zoo_models, colour_dataset, tmp_path):
+    flags = ["--dataset", str(colour_dataset), *model_flags(zoo_models, "timm resnet"), *FEW_STEPS]
+    launch = "--multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no"
+    result = run_command(accelerate_launch(*launch.split(), "--main_process_port", "29631", "train.py", *flags,
+                                           "--output_dir", str(tmp_path / "two")))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["final_metrics"]["n"] == 101
+    compiled = train_run(colour_dataset, tmp_path / "compiled", *flags[2:], "--compile")
+    assert compiled["final_metrics"]["n"] == 101
+    assert (tmp_path / "compiled" / "best" / "config.json").is_file()
+
+
+def test_a_hub_model_gets_fine_tuning_defaults_and_its_input_size_from_image_size(zoo_models):
+    config = parse_train_args([*model_flags(zoo_models, "timm vit"), "--image_size", "64", "--learning_rate", "1e-4"])
+    # The transformers example's settings, where no flag or recipe gives one; what is given wins.
+    assert (config.optimizer, config.learning_rate, config.weight_decay, config.label_smoothing) == (
+        "adamw",
+        1e-4,
+        0.0,
+        0.0,
+    )
+    for name in ("timm vit", "timm resnet"):
+        source = zoo_source(parse_train_args([*model_flags(zoo_models, name), "--image_size", "64"]))
+        model, _ = build_zoo_model(source, ["red", "green", "blue", "yellow"], image_size=64)
+        assert model.spec.side == 64 and model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    # A transformers ViT's saved model could not be used at another size by its own library: refused.
+    source = zoo_source(parse_train_args(model_flags(zoo_models, "transformers vit")))
+    with pytest.raises(UserError, match="--image_size 64: ViTForImageClassification takes 48x48 images"):
+        build_zoo_model(source, ["red", "green", "blue", "yellow"], image_size=64)

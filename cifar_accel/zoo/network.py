@@ -53,7 +53,6 @@ class ZooClassifier(nn.Module):
         self.head_name = head
         self.layer_of = layer_of
         self.no_decay = no_decay
-        self.forward_options: dict = {}  # e.g. a ViT at another input size: interpolate_pos_encoding
 
     @property
     def head(self) -> nn.Module:
@@ -65,7 +64,7 @@ class ZooClassifier(nn.Module):
             images = F.interpolate(
                 images, size=(side, side), mode=self.spec.interpolation, align_corners=False, antialias=True
             )
-        output = self.network(images, **self.forward_options)
+        output = self.network(images)
         return output if isinstance(output, torch.Tensor) else output.logits  # transformers: an output object
 
     def learning_rate_scales(self, layer_decay: float | None, head_lr_scale: float) -> dict[int, float]:

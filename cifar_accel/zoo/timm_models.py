@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import safe_open
 from torch import nn
 
 from cifar_accel.errors import UserError
@@ -58,16 +59,36 @@ def build(source: ZooSource, num_classes: int, image_size: int | None, model_arg
         del options["img_size"]  # a network that takes any input size has no such argument
         network = _create(source, source.pretrained, model_args, **options)
     head = network.pretrained_cfg.get("classifier") or "fc"
+    if source.pretrained and not source.on_hub:
+        _check_complete(source, network, head)
     saved_classes = network.pretrained_cfg.get("num_classes")
     note = ""
     if not source.pretrained:
-        note = f"note: {source.spelling} starts from random weights (--pretrained false)"
+        note = f"note: {source.spelling} starts from random weights (--no-pretrained)"
     elif saved_classes != num_classes:
         note = (
             f"note: the classifier ({head}) starts afresh: {saved_classes} classes in {source.spelling}, "
             f"{num_classes} here"
         )
     return _wrapped(network, image_size), note
+
+
+def _check_complete(source: ZooSource, network: nn.Module, head: str) -> None:
+    """The folder's weights hold every tensor of the network but the classifier, and no other (shapes are checked
+    by ``load_state_dict``, after the model's own filter has adapted what it can, e.g. position embeddings). timm
+    loads a checkpoint of another number of classes non-strictly: layers that config.json describes and the weights
+    lack would silently start from random values, and weights it does not describe would be dropped. (Checked for
+    folders, whose weights timm saved as they are; a Hub checkpoint may be in its original layout, which the model's
+    own filter maps when timm loads it.)"""
+    path = Path(source.location).expanduser() / "model.safetensors"
+    if not path.is_file():
+        return
+    with safe_open(str(path), framework="pt") as weights:
+        saved = set(weights.keys())
+    differing = sorted(name for name in saved ^ network.state_dict().keys() if not name.startswith(head + "."))
+    if differing:
+        shown = ", ".join(differing[:4]) + (f" and {len(differing) - 4} more" if len(differing) > 4 else "")
+        raise UserError(f"cannot load {source.flag}: its weights do not match its config.json ({shown})")
 
 
 def _wrapped(network: nn.Module, image_size: int | None) -> ZooClassifier:

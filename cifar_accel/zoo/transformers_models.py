@@ -70,7 +70,7 @@ def build(source: ZooSource, class_names: list[str], image_size: int | None, mod
     options = {**common, **labels, **model_args}
     config = _loaded(source, lambda: transformers.AutoConfig.from_pretrained(location, **options))
     auto = transformers.AutoModelForImageClassification
-    note = f"note: {source.spelling} starts from random weights (--pretrained false)"
+    note = f"note: {source.spelling} starts from random weights (--no-pretrained)"
     if source.pretrained:
         network, info = _loaded(source, lambda: auto.from_pretrained(
             location, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **common
@@ -96,9 +96,14 @@ def _wrapped(network: nn.Module, head: str, processor, image_size: int | None) -
     names = [name for name, _ in network.named_parameters()]
     model = ZooClassifier(network, TRANSFORMERS, spec, head, layers_by_name(names, head))
     trained_side = getattr(network.config, "image_size", None)
-    accepts = "interpolate_pos_encoding" in inspect.signature(network.forward).parameters
-    if image_size and accepts and trained_side not in (None, image_size):  # ViTs: position embeddings resampled
-        model.forward_options = {"interpolate_pos_encoding": True}
+    position_embeddings = "interpolate_pos_encoding" in inspect.signature(network.forward).parameters
+    if image_size and position_embeddings and trained_side not in (None, image_size):
+        # Its position embeddings would be resampled at every call, which the saved model's own users (pipeline,
+        # from_pretrained) do not do: it could not be loaded at that size.
+        raise UserError(
+            f"--image_size {image_size}: {type(network).__name__} takes {trained_side}x{trained_side} images (its "
+            "position embeddings); leave --image_size out, or fine-tune a timm model, which resamples them"
+        )
     return model
 
 
