@@ -42,6 +42,7 @@ benchmarks-quick: $(VENV)/.installed
 	$(BIN)/python benchmarks/data_throughput.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 	$(BIN)/python benchmarks/loop_overhead.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 	$(BIN)/python benchmarks/airbench_parts.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
+	$(BIN)/python benchmarks/hub_model_data_path.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 	$(BIN)/python benchmarks/time_to_accuracy.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10) \
 		--results_dir $(or $(TMPDIR),/tmp)
 
