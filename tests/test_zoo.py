@@ -4,6 +4,8 @@ No weights can be downloaded here, so the models are tiny and random, saved loca
 saver (timm's ``save_for_hf``, transformers' ``save_pretrained``), and published through the stand-in Hub.
 """
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from conftest import ALICE, REPO_ROOT, accelerate_launch, hub_env, run_command
@@ -73,10 +76,9 @@ def fine_tuned(zoo_models, colour_dataset, tmp_path_factory) -> dict[str, tuple[
     runs = {}
     for name in MODELS:
         run_dir = tmp_path_factory.mktemp("fine_tuned") / "run"
-        result = run_command([sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir",
-                              str(run_dir), *model_flags(zoo_models, name), *FEW_STEPS])  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = run_dir, result.stdout
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            train_run(colour_dataset, run_dir, *model_flags(zoo_models, name), *FEW_STEPS)
+        runs[name] = run_dir, printed.getvalue()
     return runs
 
 
@@ -211,8 +213,7 @@ def test_a_hub_model_run_killed_mid_epoch_resumes_bit_for_bit(zoo_models, colour
         return [sys.executable, "tests/slow_train.py", "--dataset", str(colour_dataset), "--output_dir", str(run_dir),
                 *flags]  # fmt: skip
 
-    reference = run_command(command(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    train_run(colour_dataset, tmp_path / "reference", *flags)  # uninterrupted, in this process
     run_dir = tmp_path / "killed"
     log = (tmp_path / "killed.log").open("w")
     env = {**os.environ, "CIFAR_ACCEL_TEST_STEP_SECONDS": "0.3", "HF_HUB_OFFLINE": "1"}
@@ -268,25 +269,19 @@ print(json.dumps({{**{{name: value.tolist() for name, value in logits.items()}},
 
 @pytest.mark.parametrize("name", ["timm resnet", "transformers vit"])
 def test_a_hub_repo_is_fine_tuned_at_a_revision_and_the_card_names_it_as_base(
-    zoo_models, colour_dataset, hub, tmp_path, name
+    zoo_models, colour_dataset, hub, tmp_path, monkeypatch, name
 ):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     repo = f"alice/{zoo_models[name].name}"
     api = HfApi(endpoint=hub.endpoint, token=ALICE)
     api.create_repo(repo)
     api.upload_folder(repo_id=repo, folder_path=zoo_models[name])
-    flag = "--model_name_or_path" if name.startswith("transformers") else "--model"
-    spelled = repo if name.startswith("transformers") else f"hf-hub:{repo}"
-
-    def train_command(output_dir: Path, *extra: str) -> list[str]:
-        return [sys.executable, "train.py", "--dataset", str(colour_dataset), "--output_dir", str(output_dir), flag,
-                spelled, *FEW_STEPS, *extra]  # fmt: skip
-
-    refused = run_command(train_command(tmp_path / "refused", "--model_revision", "nope"), env=hub_env(hub, tmp_path))
-    assert refused.returncode != 0 and not (tmp_path / "refused").exists()
-    [line] = refused.stderr.strip().splitlines()
-    assert f"{repo} has no revision 'nope'" in line
-    result = run_command(train_command(tmp_path / "run", "--model_revision", "main"), env=hub_env(hub, tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
+    flags = ["--model_name_or_path", repo] if name.startswith("transformers") else ["--model", f"hf-hub:{repo}"]
+    # A revision the repo does not have: one line, before the data is loaded, nothing written.
+    with pytest.raises(UserError, match=f"{repo} has no revision 'nope'"):
+        train_run(colour_dataset, tmp_path / "refused", *flags, *FEW_STEPS, "--model_revision", "nope")
+    assert not (tmp_path / "refused").exists()
+    train_run(colour_dataset, tmp_path / "run", *flags, *FEW_STEPS, "--model_revision", "main")
     card = build_model_card(tmp_path / "run", "alice/tuned", "uoft-cs/cifar10")
     assert (card.data.base_model, card.data.base_model_relation) == (repo, "finetune")
     assert f"It started from the published weights of `{repo}` at revision `main`" in card.text

@@ -12,13 +12,11 @@ from cifar_accel.zoo import timm_models, transformers_models
 from cifar_accel.zoo.network import InputSpec, ZooClassifier
 from cifar_accel.zoo.source import (
     CIFAR_ACCEL,
-    LIBRARIES,
     TIMM,
     TRANSFORMERS,
     ZooSource,
     check_folder_library,
     folder_library,
-    how_to_load,
     read_config_json,
     require,
     saved_library,
@@ -29,19 +27,14 @@ FAMILIES = {TIMM: timm_models, TRANSFORMERS: transformers_models}
 
 __all__ = [
     "CIFAR_ACCEL",
-    "LIBRARIES",
     "TIMM",
     "TRANSFORMERS",
     "InputSpec",
     "ZooClassifier",
-    "ZooSource",
     "build_zoo_model",
     "check_folder_library",
-    "folder_library",
     "folder_summary",
-    "how_to_load",
     "load_zoo_folder",
-    "read_config_json",
     "require",
     "save_zoo_model",
     "saved_config",

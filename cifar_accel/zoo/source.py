@@ -16,7 +16,6 @@ from cifar_accel.errors import UserError
 from cifar_accel.hub_access import looks_like_local_path
 
 TIMM, TRANSFORMERS, CIFAR_ACCEL = "timm", "transformers", "cifar_accel"
-LIBRARIES = (TIMM, TRANSFORMERS)
 
 
 @dataclass(frozen=True)
