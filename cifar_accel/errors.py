@@ -8,6 +8,13 @@ EXIT_SYSTEM_REFUSED = 74  # the operating system refused a write (disk full, rea
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of what ``error`` says (its type's name when it says nothing): for a one-line refusal that
+    wraps what a library raised."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UserError(ValueError):
     """Bad input from the command line or a file.
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cifar_accel.errors import UserError
+from cifar_accel.errors import UserError, first_line
 from cifar_accel.values import is_finite_number, is_whole_number
 
 ModelBuilder = Callable[..., nn.Module]
@@ -55,10 +55,6 @@ class SideNotTaken(Exception):
     """The network cannot take images of that side; the message is the first line of what it raised."""
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
 def check_buildable(name: str, num_classes: int, model_args: dict, side: int | None = None) -> None:
     """Build the network without memory (meta device) and, with ``side``, pass it images of that side, so that
     what cannot work is refused before any data or weights load. Raises ``UserError`` for an argument the
@@ -69,12 +65,12 @@ def check_buildable(name: str, num_classes: int, model_args: dict, side: int | N
         except UserError:
             raise
         except Exception as error:  # whatever the constructor raises for values it cannot take
-            raise NotBuildable(_first_line(error)) from None
+            raise NotBuildable(first_line(error)) from None
         if side is not None:  # shapes only: the head must fit what the body gives
             try:
                 network.eval()(torch.zeros(2, 3, side, side))
             except Exception as error:
-                raise SideNotTaken(_first_line(error)) from None
+                raise SideNotTaken(first_line(error)) from None
 
 
 def _fits(value: object, expected: object) -> bool:

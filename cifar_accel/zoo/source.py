@@ -14,6 +14,7 @@ from types import ModuleType
 from cifar_accel.config import TrainConfig
 from cifar_accel.errors import UserError
 from cifar_accel.hub_access import looks_like_local_path
+from cifar_accel.saved_model import CONFIG_NAME
 
 TIMM, TRANSFORMERS, CIFAR_ACCEL = "timm", "transformers", "cifar_accel"
 
@@ -97,7 +98,7 @@ def saved_library(folder: Path) -> str:
     """The library of the saved model in ``folder``; cifar_accel's when its ``config.json`` cannot be read, so that
     cifar_accel's own reader refuses it, naming what is wrong."""
     try:
-        config_json = json.loads((folder / "config.json").read_text())
+        config_json = json.loads((folder / CONFIG_NAME).read_text())
     except (OSError, ValueError):
         return CIFAR_ACCEL
     return folder_library(config_json) if isinstance(config_json, dict) else CIFAR_ACCEL
@@ -105,7 +106,7 @@ def saved_library(folder: Path) -> str:
 
 def read_config_json(folder: Path) -> dict:
     """A saved model folder's ``config.json``, as a dict, or a one-line error."""
-    path = folder / "config.json"
+    path = folder / CONFIG_NAME
     try:
         loaded = json.loads(path.read_text())
     except FileNotFoundError:

@@ -12,16 +12,11 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from cifar_accel.errors import UserError
+from cifar_accel.errors import UserError, first_line
 from cifar_accel.hub_access import hub_errors
-from cifar_accel.saved_model import on_cpu
+from cifar_accel.saved_model import WEIGHTS_NAME, on_cpu
 from cifar_accel.zoo.network import InputSpec, ZooClassifier, resampling
 from cifar_accel.zoo.source import TIMM, ZooSource, require
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _timm_name(source: ZooSource) -> str:
@@ -39,10 +34,10 @@ def _create(source: ZooSource, pretrained: bool, model_args: dict, **options) ->
             return timm.create_model(_timm_name(source), pretrained=pretrained, **model_args, **options)
         except RuntimeError as error:  # load_state_dict: weights of another shape than config.json's network
             if "state_dict" in str(error):
-                raise UserError(f"{action}: its weights do not match its config.json ({_first_line(error)})") from None
-            raise UserError(f"{action} ({_first_line(error)})") from None
+                raise UserError(f"{action}: its weights do not match its config.json ({first_line(error)})") from None
+            raise UserError(f"{action} ({first_line(error)})") from None
         except (TypeError, ValueError, KeyError, FileNotFoundError, AssertionError) as error:
-            raise UserError(f"{action} ({_first_line(error)})") from None
+            raise UserError(f"{action} ({first_line(error)})") from None
 
 
 def build(source: ZooSource, num_classes: int, image_size: int | None, model_args: dict) -> tuple[ZooClassifier, str]:
@@ -80,7 +75,7 @@ def _check_complete(source: ZooSource, network: nn.Module, head: str) -> None:
     lack would silently start from random values, and weights it does not describe would be dropped. (Checked for
     folders, whose weights timm saved as they are; a Hub checkpoint may be in its original layout, which the model's
     own filter maps when timm loads it.)"""
-    path = Path(source.location).expanduser() / "model.safetensors"
+    path = Path(source.location).expanduser() / WEIGHTS_NAME
     if not path.is_file():
         return
     with safe_open(str(path), framework="pt") as weights:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from cifar_accel.errors import UserError
+from cifar_accel.errors import UserError, first_line
 from cifar_accel.hub_access import hub_errors
 from cifar_accel.zoo.network import InputSpec, ZooClassifier, layers_by_name, resampling
 from cifar_accel.zoo.source import TRANSFORMERS, ZooSource, require
@@ -26,11 +26,6 @@ def _library():
     return transformers
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _loaded(source: ZooSource, load):
     """``load()``'s result, with transformers' and the Hub's failures in one line."""
     action = f"cannot load {source.flag}"
@@ -38,7 +33,7 @@ def _loaded(source: ZooSource, load):
         try:
             return load()
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{action} ({_first_line(error)})") from None
+            raise UserError(f"{action} ({first_line(error)})") from None
 
 
 def _head(network: nn.Module) -> str:
