@@ -6,11 +6,13 @@ folder last, once a signal no longer stops the run at once. ``abandon`` undoes t
 folder when the run fails before it has anything of its own to keep.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from cifar_accel.accel import build_accelerator, on_main_process
 from cifar_accel.augment import BatchMixing
 from cifar_accel.config import TrainConfig
 from cifar_accel.data import DataBundle, default_num_workers, first_images, load_data, make_dataloader
-from cifar_accel.device_data import make_device_dataloader
+from cifar_accel.device_data import make_device_dataloader, split_on_device
 from cifar_accel.errors import UserError
 from cifar_accel.files import FolderLock
 from cifar_accel.finetune import BaseModel, find_base_model, freeze_backbone, load_base_weights, resumed_base_model
@@ -45,6 +47,47 @@ from cifar_accel.tricks import Lookahead, ModelEma
 from cifar_accel.zoo import ZooClassifier, build_zoo_model, zoo_source
 
 WHITENING_IMAGES = 5000  # airbench's: the patch covariance of the first 5,000 training images
+# The settings load_data reads: runs that agree on them train on the same data (the validation split is drawn
+# with the run's seed, so with --validation_size the seed is one of them).
+DATA_SETTINGS = (
+    "dataset", "dataset_config", "image_column", "label_column", "train_split", "eval_split", "max_train_samples",
+    "max_eval_samples", "validation_size", "resize_on_load",
+)  # fmt: skip
+
+
+class SharedInputs:
+    """What consecutive runs in one process (``--seeds``, a sweep's trials) load once: the data, and for the device
+    loader its splits on the accelerator. Only the latest of each is kept."""
+
+    def __init__(self):
+        self._data: tuple[tuple, DataBundle] | None = None
+        self._on_device: dict[tuple[int, str], tuple[Dataset, torch.Tensor, torch.Tensor]] = {}
+
+    def data(self, config: TrainConfig) -> DataBundle:
+        key = (*(getattr(config, name) for name in DATA_SETTINGS), config.seed if config.validation_size else None)
+        if self._data is None or self._data[0] != key:
+            self._data, self._on_device = (key, load_data(config)), {}
+        return self._data[1]
+
+    def on_device(self, data: DataBundle, split: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(split), str(device))  # the split is kept with its tensors: its id is not reused meanwhile
+        if key not in self._on_device:
+            self._on_device[key] = (split, *split_on_device(data, split, device))
+        return self._on_device[key][1:]
+
+
+_shared_inputs: SharedInputs | None = None
+
+
+@contextlib.contextmanager
+def inputs_shared() -> Iterator[None]:
+    """Inside, runs that ask for the same data share one load of it (a dataset changed meanwhile is not seen)."""
+    global _shared_inputs
+    _shared_inputs = SharedInputs()
+    try:
+        yield
+    finally:
+        _shared_inputs = None
 
 
 def build_run(config: TrainConfig, start_time: float, stop: StopRequest) -> Run:
@@ -121,14 +164,14 @@ def load_run_data(
     # Hugging Face cache; the others then read them.
     hub_network = None
     with accelerator.main_process_first():
-        data = load_data(config)
-        if base:  # the normalisation the base model's weights were trained with
-            data.mean, data.std = base.config["mean"], base.config["std"]
+        data = _shared_inputs.data(config) if _shared_inputs else load_data(config)
+        if base:  # the normalisation the base model's weights were trained with (a copy: the data may be shared)
+            data = dataclasses.replace(data, mean=base.config["mean"], std=base.config["std"])
         if source := zoo_source(config):
             hub_network, note = build_zoo_model(source, data.class_names, config.image_size, config.model_args)
             if note and not resuming:  # (a resumed run's weights come from its checkpoint)
                 accelerator.print(note)
-            data.mean, data.std = hub_network.spec.mean, hub_network.spec.std
+            data = dataclasses.replace(data, mean=hub_network.spec.mean, std=hub_network.spec.std)
         train_loader = make_loader(config, data, data.train, accelerator, train=True)
         eval_loader = make_loader(config, data, data.evaluation, accelerator)
     return data, train_loader, eval_loader, hub_network
@@ -183,9 +226,10 @@ def make_loader(
     batch_size = config.batch_size if train else config.eval_batch_size
     drop_last = train and config.drop_last
     if config.data_loader == "device":
+        on_device = _shared_inputs.on_device(data, split, accelerator.device) if _shared_inputs else None
         return make_device_dataloader(
             split, data, train, batch_size, accelerator.device, config.cutout, config.alternating_flip,
-            config.seed, config.channels_last, config.crop_padding, drop_last,
+            config.seed, config.channels_last, config.crop_padding, drop_last, on_device,
         )  # fmt: skip
     return make_dataloader(
         split, data, train, batch_size, config.num_workers, config.cutout, config.seed, config.channels_last,

@@ -327,13 +327,25 @@ def resume_command(checkpoint: Path, num_processes: int, argv: list[str] | None 
     """The command line that continues this run: the checkpoint restores every setting, so only the
     launch is repeated (``accelerate launch`` with the number of processes the run had)."""
     argv = list(sys.argv if argv is None else argv)
-    if Path(argv[0]).name == "cifar-accel":
-        program = ["cifar-accel", "train"]
-    elif num_processes > 1 or "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch`
-        program = ["accelerate", "launch", *_launch_flags(num_processes), argv[0]]
-    else:
-        program = ["python", argv[0]]
-    return shlex.join([*program, "--resume_from_checkpoint", str(checkpoint)])
+    return shlex.join([*_program(argv[0], num_processes), "--resume_from_checkpoint", str(checkpoint)])
+
+
+def rerun_command(num_processes: int, argv: list[str] | None = None) -> str:
+    """The command line that was run, launched as it was, less ``--overwrite_output_dir``: what continues a command
+    of several runs (``--seeds``), which skips the runs it finished and resumes the one it stopped."""
+    argv = list(sys.argv if argv is None else argv)
+    flags = argv[2:] if Path(argv[0]).name == "cifar-accel" else argv[1:]  # (after `cifar-accel train`)
+    flags = [flag for flag in flags if flag != "--overwrite_output_dir"]
+    return shlex.join([*_program(argv[0], num_processes), *flags])
+
+
+def _program(script: str, num_processes: int) -> list[str]:
+    """How the script was launched: ``cifar-accel train``, ``accelerate launch`` with its processes, or python."""
+    if Path(script).name == "cifar-accel":
+        return ["cifar-accel", "train"]
+    if num_processes > 1 or "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by `accelerate launch`
+        return ["accelerate", "launch", *_launch_flags(num_processes), script]
+    return ["python", script]
 
 
 def _launch_flags(num_processes: int) -> list[str]:

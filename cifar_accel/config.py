@@ -4,7 +4,7 @@ Each field's ``help`` metadata is its one-line ``--help`` text and ``choices`` l
 ``RANGES`` holds the valid numbers and ``SECTIONS`` the ``--help`` sections. ``TrainConfig.validate``
 looks at the values only. The command line is generated from the dataclass in ``settings``; the checks that
 touch the disk, the installed packages or the Hub are ``preflight``'s. This module imports nothing of the
-package but ``errors``.
+package but ``errors`` and ``values``.
 """
 
 import dataclasses
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cifar_accel.errors import UserError
+from cifar_accel.values import parse_seeds
 
 DATA_LOADERS = ("torch", "device")
 OPTIMIZERS = ("sgd", "adamw", "muon")
@@ -70,6 +71,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_grad_norm": (lambda value: 0 < value < math.inf, "a positive finite number"),
     "layer_decay": (lambda value: 0 < value <= 1, "in (0, 1]"),
     "head_lr_scale": (lambda value: 0 < value < math.inf, "a positive finite number"),
+    "target_accuracy": (lambda value: 0 < value < 1, "a fraction in (0, 1), such as 0.94"),
 }
 # Settings that training uses as float32 (tensors, or scalars cast to the weights' dtype): a value outside
 # float32's normal range becomes 0 or infinite there (a Beta of alpha 0 raises; a learning rate of 0 trains nothing).
@@ -201,6 +203,8 @@ class TrainConfig:
     output_dir: str = _option("output", "folder for the run's config, metrics and best model")
     overwrite_output_dir: bool = _option(False, "replace the run already in --output_dir (otherwise refused)")
     seed: int = _option(0, "random seed for initialisation, shuffling and augmentation")
+    seeds: str | None = _option(None, "one run per seed (0-9, or 0,3,7) in OUTPUT_DIR/seed_N, summarised in seeds.json")
+    target_accuracy: float | None = _option(None, "with --seeds: test whether the mean top-1 exceeds this (0.94: 94%)")
     checkpointing_steps: str | None = _option(None, "save a resumable checkpoint every N steps, or every 'epoch'")
     checkpoints_total_limit: int | None = _option(None, "keep only the newest K checkpoints")
     resume_from_checkpoint: str | None = _option(None, "'latest' or a checkpoint folder: continue that run exactly")
@@ -253,15 +257,10 @@ class TrainConfig:
                 f"--checkpointing_steps must be a positive number of steps or 'epoch', got {self.checkpointing_steps!r}"
             )
         for option_name, choices in (
-            ("optimizer", OPTIMIZERS),
-            ("scheduler", SCHEDULERS),
-            ("data_loader", DATA_LOADERS),
-            ("report_to", REPORT_TO),
-            ("mixed_precision", (*MIXED_PRECISION, None)),
-            ("eval_strategy", EVAL_STRATEGIES),
-            ("compile_mode", COMPILE_MODES),
-            ("auto_augment", (*AUTO_AUGMENT, None)),
-        ):
+            ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("data_loader", DATA_LOADERS),
+            ("report_to", REPORT_TO), ("mixed_precision", (*MIXED_PRECISION, None)), ("eval_strategy", EVAL_STRATEGIES),
+            ("compile_mode", COMPILE_MODES), ("auto_augment", (*AUTO_AUGMENT, None)),
+        ):  # fmt: skip
             if getattr(self, option_name) not in choices:
                 raise UserError(
                     f"unknown --{option_name} {getattr(self, option_name)!r}; "
@@ -280,6 +279,12 @@ class TrainConfig:
             raise UserError("--dataset must name a Hub dataset or a folder, got an empty string")
         if self.resume_from_checkpoint is not None and not self.resume_from_checkpoint.strip():
             raise UserError("--resume_from_checkpoint must be 'latest' or a checkpoint folder, got an empty string")
+        try:
+            self.seeds is None or parse_seeds(self.seeds)
+        except ValueError as error:
+            raise UserError(f"--seeds {self.seeds!r}: {error}") from None
+        if self.target_accuracy is not None and not self.seeds:
+            raise UserError("--target_accuracy tests the mean of several runs: give --seeds as well")
         if self.push_to_hub and not self.hub_model_id:
             raise UserError("--push_to_hub needs --hub_model_id USER/NAME")
 

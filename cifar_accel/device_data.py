@@ -100,6 +100,12 @@ def _keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch
 
 
+def split_on_device(data: DataBundle, dataset: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One of the bundle's splits decoded, as (uint8 images, labels) on ``device``."""
+    images, labels = data.decoded(dataset)
+    return images.to(device), labels.to(device)
+
+
 def make_device_dataloader(
     dataset: Dataset,
     data: DataBundle,
@@ -112,11 +118,13 @@ def make_device_dataloader(
     channels_last: bool = False,
     crop_padding: int = 4,
     drop_last: bool = False,
+    on_device: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DataLoader:
-    """Same batches as ``make_dataloader`` (shuffled when training), served from device memory."""
-    images, labels = data.decoded(dataset)
+    """Same batches as ``make_dataloader`` (shuffled when training), served from device memory. ``on_device``: the
+    split's images and labels already there (several runs in one process share them)."""
+    images, labels = on_device or split_on_device(data, dataset, device)
     device_dataset = DeviceImageDataset(
-        images.to(device), labels.to(device), data.mean, data.std, train, cutout, alternating_flip, seed, channels_last,
+        images, labels, data.mean, data.std, train, cutout, alternating_flip, seed, channels_last,
         crop_padding,
     )  # fmt: skip
     return DataLoader(

@@ -8,7 +8,7 @@ What a checkpoint holds, and how a signal stops the run with one, is in run_stat
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from tqdm.auto import tqdm
 
@@ -25,11 +25,15 @@ from cifar_accel.selection import BestModelSaver
 from cifar_accel.stopping import StepAbandoned, StopRequest
 
 
-def train(config: TrainConfig) -> dict:
+def train(
+    config: TrainConfig, on_evaluation: Callable[[dict], None] | None = None, resume_hint: str | None = None
+) -> dict:
     """Train, evaluate after every epoch, keep the best model; returns ``results.json``'s content.
 
     With ``--checkpointing_steps`` the full state is saved as it goes; SIGINT/SIGTERM save one and
     stop; ``--resume_from_checkpoint`` continues bit for bit where a checkpoint left off.
+    ``on_evaluation`` sees each evaluated epoch's record once it is saved; what it raises ends the run there.
+    ``resume_hint`` replaces the resume command a stop prints (several runs in one command continue together).
     """
     start_time = time.perf_counter()
     # The command line validated the values already; a TrainConfig built in Python gets the same checks. Then what
@@ -40,6 +44,7 @@ def train(config: TrainConfig) -> dict:
         stop.stop_at_once("stopped while preparing the run; nothing was trained: run the same command again")
         run = build_run(config, start_time, stop)
         saver = BestModelSaver(run)
+        run.on_evaluation, run.resume_hint = on_evaluation, resume_hint
         try:
             start_records(run)
             with progress_bar(run) as bar:
@@ -224,3 +229,5 @@ def keep_record(run: Run, saver: BestModelSaver, record: dict, bar: tqdm) -> Non
     if run.folder:
         bar.write(format_epoch_line(record, run.config.epochs))
         run.folder.save_metrics(run.progress.records)
+    if run.on_evaluation is not None and "eval_top1" in record:
+        run.on_evaluation(record)

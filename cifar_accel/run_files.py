@@ -13,6 +13,7 @@ CONFUSION_PLOT = "confusion_matrix.png"
 BEST_MODEL_FOLDER = "best"  # the saved model: safetensors, config.json, model card
 TRACKER_FOLDER = "logs"  # tensorboard's event files
 CHECKPOINTS_FOLDER = "checkpoints"
+SEEDS_SUMMARY_FILE = "seeds.json"  # train --seeds: beside the seed_N run folders, what they say together
 REPLACED_RUN = ".replaced_run"  # an overwritten run, kept until the new one finishes an epoch
 
 # Everything a run writes: what --overwrite_output_dir sets aside, and nothing else.

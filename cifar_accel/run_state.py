@@ -7,6 +7,7 @@ signal ends a run: with a checkpoint and the command that resumes it.
 """
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class Run:
     forecast: RunLengthForecast | None = None  # set by build_run, once the run is restored
     abandon_points: AbandonPoints | None = None  # where steps are slow: a stop ends the step in flight
     safe_point: SafePoint | None = None  # ...and what that step changed is put back from here
+    # Called with each evaluated epoch's record once it is kept (a sweep's pruner); what it raises ends the run.
+    on_evaluation: Callable[[dict], None] | None = None
+    resume_hint: str | None = None  # how to continue after a stop, when not this run's own resume command (--seeds)
 
     @property
     def weight_averages(self) -> list:
@@ -157,7 +161,7 @@ def stop_if_requested(run: Run, stop: StopRequest, where: str, checkpoint: Path 
     checkpoint = checkpoint or save_run_checkpoint(run)
     run.accelerator.print(
         f"{signal.Signals(signal_number).name}: stopped {where}; checkpoint saved to {checkpoint}\n"
-        f"resume with: {resume_command(checkpoint, run.accelerator.num_processes)}"
+        f"resume with: {run.resume_hint or resume_command(checkpoint, run.accelerator.num_processes)}"
     )
     run.accelerator.end_training()
     raise StoppedBySignal(signal_number)
