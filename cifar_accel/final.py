@@ -14,7 +14,7 @@ from torch import nn
 from cifar_accel.build import make_loader
 from cifar_accel.data import make_dataloader
 from cifar_accel.loop import evaluate, peak_memory_megabytes, timing_summary
-from cifar_accel.reporting import selected_metric
+from cifar_accel.run_records import selected_metric
 from cifar_accel.run_state import Run, stop_if_requested
 from cifar_accel.scoring import TOP_K_NAMES, score_predictions
 from cifar_accel.selection import BestModelSaver

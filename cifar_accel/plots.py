@@ -88,6 +88,33 @@ def plot_run_comparison(runs: dict[str, list[dict]], path: str | Path) -> None:
     _save(figure, path)
 
 
+def plot_group_accuracies(panels: dict[str, dict[str, list[float]]], path: str | Path) -> None:
+    """A strip plot per accuracy (title -> group name -> each run's accuracy in percent): every run a dot, spread
+    sideways so that equal ones stay visible, and the group's mean with a bar of ± its standard error, which is
+    what a difference between groups is to be read against."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from cifar_accel.run_statistics import describe
+
+    groups_drawn = max(len(groups) for groups in panels.values())
+    figure = Figure(figsize=(max(5.0, 1.6 * groups_drawn) * len(panels) + 1, 4.6), layout="constrained")
+    jitter = np.random.default_rng(0)  # the same figure from the same runs
+    for axes, (title, groups) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True):
+        for position, values in enumerate(groups.values()):
+            offsets = jitter.uniform(-0.15, 0.15, len(values)) if len(values) > 1 else [0.0]
+            axes.scatter(position + np.asarray(offsets), values, s=22, alpha=0.7, color="tab:blue", zorder=2)
+            summary = describe(values)
+            label = "mean ± s.e." if position == 0 else None
+            axes.errorbar(position + 0.3, summary["mean"], yerr=summary["se"] or 0.0, fmt="D", color="black",
+                          capsize=5, markersize=6, zorder=3, label=label)  # fmt: skip
+        axes.set_xticks(range(len(groups)), [name.replace(" ", "\n") for name in groups], fontsize=8)
+        axes.set(title=title, ylabel="accuracy (%)", xlim=(-0.6, len(groups) - 0.4))
+        axes.grid(alpha=0.3, axis="y")
+        axes.legend(fontsize=8)
+    _save(figure, path)
+
+
 def _evaluated(records: list[dict]) -> list[dict]:
     """The epochs that were evaluated (``--eval_strategy``/``--eval_epochs`` may skip some)."""
     return [record for record in records if "eval_top1" in record]

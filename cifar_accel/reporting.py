@@ -25,13 +25,7 @@ from cifar_accel.run_files import (
     SUMMARY_FILE,
     TRACKER_FOLDER,
 )  # fmt: skip
-
-
-def selected_metric(record: dict, name: str) -> float:
-    """An evaluated epoch's metric for the weights it would keep: with ``--model_ema``, the better of the
-    raw weights (``eval_*``) and their moving average (``ema_eval_*``), as ``selected_weights`` says."""
-    prefix = "ema_eval_" if record.get("selected_weights") == "ema" else "eval_"
-    return record[prefix + name]
+from cifar_accel.run_records import selected_metric  # noqa: F401  (TEMPORARY: sweep.py imports it here)
 
 
 def format_epoch_line(record: dict, epochs: float) -> str:

@@ -137,3 +137,10 @@ def require_fields(results: dict, path: Path, fields: tuple[str, ...]) -> None:
             if not isinstance(container, dict) or name not in container:
                 raise UserError(f"{path} has no {field}; it was not written by a finished cifar_accel run")
             container = container[name]
+
+
+def selected_metric(record: dict, name: str) -> float:
+    """An evaluated epoch's metric for the weights it would keep: with ``--model_ema``, the better of the
+    raw weights (``eval_*``) and their moving average (``ema_eval_*``), as ``selected_weights`` says."""
+    prefix = "ema_eval_" if record.get("selected_weights") == "ema" else "eval_"
+    return record[prefix + name]

@@ -58,8 +58,6 @@ def welch(first: Sequence[float], second: Sequence[float]) -> dict | None:
 
 
 def format_mean(summary: dict, scale: float = 100.0, unit: str = "%") -> str:
-    """``94.01% ± 0.05 (n=10)``: the mean ± its standard error, in percent by default."""
+    """``94.01% ± 0.05``: the mean ± its standard error, in percent by default (the mean alone for one run)."""
     mean = f"{summary['mean'] * scale:.2f}{unit}"
-    if summary["se"] is None:
-        return f"{mean} (n={summary['n']})"
-    return f"{mean} ± {summary['se'] * scale:.2f} (n={summary['n']})"
+    return mean if summary["se"] is None else f"{mean} ± {summary['se'] * scale:.2f}"

@@ -21,9 +21,9 @@ from cifar_accel.config import TrainConfig
 from cifar_accel.engine import train
 from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.files import FolderLock, write_json
-from cifar_accel.reporting import refuse_existing_run, selected_metric
+from cifar_accel.reporting import refuse_existing_run
 from cifar_accel.run_files import RESULTS_FILE, SEEDS_SUMMARY_FILE
-from cifar_accel.run_records import read_finished_run, read_run_json
+from cifar_accel.run_records import read_finished_run, read_run_json, selected_metric
 from cifar_accel.run_statistics import describe, format_mean
 from cifar_accel.values import parse_seeds
 
@@ -167,7 +167,7 @@ def format_summary(summary: dict) -> str:
         stats = summary[measure]
         if stats is None:
             continue
-        line = f"{name}: {format_mean(stats)}"
+        line = f"{name}: {format_mean(stats)} (n={stats['n']})"
         if stats["sd"] is not None:
             low, high = stats["ci95"]
             line += f", sd {stats['sd']:.2%}, 95% interval [{low:.2%}, {high:.2%}]"

@@ -6,7 +6,8 @@ as saved to ``best/``: checkpoints carry them, so a resumed run still ends with 
 
 import contextlib
 
-from cifar_accel.reporting import numeric_values, selected_metric
+from cifar_accel.reporting import numeric_values
+from cifar_accel.run_records import selected_metric
 from cifar_accel.run_state import Run
 from cifar_accel.saved_model import WEIGHTS_NAME, model_config, save_model
 from cifar_accel.zoo import ZooClassifier, save_zoo_model

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT, run_command
 from safetensors.torch import load_file
 
 from cifar_accel.checkpoint import write_manifest
-from cifar_accel.reporting import selected_metric
+from cifar_accel.run_records import selected_metric
 
 FAKE_TOKEN = "hf_cifarAccelFakeToken0123456789"
 VARIANTS = {
