@@ -45,6 +45,8 @@ benchmarks-quick: $(VENV)/.installed
 	$(BIN)/python benchmarks/hub_model_data_path.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10)
 	$(BIN)/python benchmarks/time_to_accuracy.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10) \
 		--results_dir $(or $(TMPDIR),/tmp)
+	$(BIN)/python benchmarks/gpu_session.py --quick --dataset $(or $(CIFAR10_DIR),../shared/cifar10) \
+		--out $(or $(TMPDIR),/tmp)/gpu_session
 
 # Style, then the import contracts of setup.cfg (no cycle; each layer imports only those below it).
 lint: $(VENV)/.installed

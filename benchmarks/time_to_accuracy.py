@@ -44,6 +44,7 @@ from cifar_accel.config import TrainConfig
 from cifar_accel.data import load_data
 from cifar_accel.engine import train
 from cifar_accel.recipes import list_recipes
+from cifar_accel.run_files import METRICS_FILE
 from cifar_accel.settings import parse_train_args
 
 RESULTS_DIRECTORY = Path(__file__).parent / "results"
@@ -52,13 +53,24 @@ SETTINGS_RECORDED = (
 )  # fmt: skip
 
 
-def run_ours(recipe: str, dataset: str, our_flags: list[str], seed: int) -> dict:
+def train_recorded(flags: list[str]) -> tuple[dict, list[dict]]:
+    """``train`` on ``flags`` in a temporary ``--output_dir``: results.json's content and metrics.jsonl's records."""
     with tempfile.TemporaryDirectory() as output_dir:
-        flags = ["--recipe", recipe, "--dataset", dataset, "--output_dir", output_dir, *our_flags, "--seed", str(seed)]
-        results = train(parse_train_args(flags))
+        results = train(parse_train_args(["--output_dir", output_dir, *flags]))
+        lines = (Path(output_dir) / METRICS_FILE).read_text().splitlines()
+    return results, [json.loads(line) for line in lines if line.strip()]
+
+
+def our_outcome(results: dict) -> dict:
+    """A run's accuracy (with TTA where it was evaluated so) and seconds, from results.json's content."""
     top1 = results["tta_metrics"]["top1"] if "tta_metrics" in results else results["best_metrics"]["eval_top1"]
     timing = results["timing"]
     return {"accuracy": top1, "seconds": timing["speed_run_seconds"], "end_to_end_seconds": timing["total_seconds"]}
+
+
+def run_ours(recipe: str, dataset: str, our_flags: list[str], seed: int) -> dict:
+    results, _ = train_recorded(["--recipe", recipe, "--dataset", dataset, *our_flags, "--seed", str(seed)])
+    return our_outcome(results)
 
 
 def write_airbench_cache(config: TrainConfig, directory: Path) -> None:
@@ -113,8 +125,11 @@ def airbench_runs_on_cpu() -> Iterator[None]:
         yield
 
 
-def run_airbench(variant: str, cache_directory: str, seed: int, epochs: float | None, on_cpu: bool) -> dict:
-    """One airbench run on the images in ``cache_directory/cifar10``, timed as ours is."""
+def run_airbench(
+    variant: str, cache_directory: str, seed: int, epochs: float | None, on_cpu: bool, batch_size: int | None = None
+) -> dict:
+    """One airbench run on the images in ``cache_directory/cifar10``, timed as ours is; with its own batch size
+    unless ``batch_size`` is given (benchmarks/gpu_session.py --quick: a few steps on the CPU)."""
     import airbench
 
     train_function = getattr(airbench, f"train{variant}")
@@ -123,7 +138,7 @@ def run_airbench(variant: str, cache_directory: str, seed: int, epochs: float | 
     with airbench_runs_on_cpu() if on_cpu else contextlib.nullcontext():
         os.chdir(cache_directory)  # train() opens "cifar10/test.pt" relative to the working directory
         try:
-            batch_size, augmentation = hyperparameters["opt"]["batch_size"], hyperparameters["aug"]
+            batch_size, augmentation = batch_size or hyperparameters["opt"]["batch_size"], hyperparameters["aug"]
             loader = airbench.CifarLoader("cifar10", train=True, batch_size=batch_size, aug=augmentation, altflip=True)
             test_loader = airbench.CifarLoader("cifar10", train=False, batch_size=2000)
             torch.manual_seed(seed)  # train94 has no seed: its initialisation, shuffling and crops use these
