@@ -71,6 +71,11 @@ def train_main(argv: list[str] | None = None) -> None:
     from cifar_accel.settings import parse_train_args
 
     config = _run(lambda: parse_train_args(argv))  # before the heavy imports: --help and bad flags answer at once
+    if config.seeds:
+        from cifar_accel.seeds import run_seeds
+
+        _run(lambda: run_seeds(config))
+        return
     from cifar_accel.engine import train
 
     _run(lambda: train(config))
@@ -248,26 +253,38 @@ def push_main(argv: list[str] | None = None) -> None:
 
 def compare_main(argv: list[str] | None = None) -> None:
     parser = OneLineErrorParser(prog="cifar-accel compare", description="Finished runs side by side.")
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (train --output_dir)")
-    parser.add_argument("--plot", default=None, metavar="PATH", help="also draw their evaluation curves to this PNG")
-    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR",
+        help="run folders (train --output_dir), train --seeds folders (seeds.json) or folders of run folders",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plot", default=None, metavar="PATH",
+        help="also draw their evaluation curves to this PNG, and with groups of seeds their accuracies to PATH_groups",
+    )  # fmt: skip
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    output.add_argument("--json", action="store_true", help="print the groups, their statistics and tests as JSON")
+    parser.add_argument("--per_run", action="store_true", help="one row per run even where runs form groups")
     args = _run(lambda: parser.parse_args(argv))
 
     def compare_command() -> None:
-        from cifar_accel.compare import format_comparison, load_run_summary
+        from cifar_accel.compare import load_runs
+        from cifar_accel.compare_groups import comparison_json, draw_comparison, format_report, group_runs
 
         if args.plot and not args.plot.lower().endswith(".png"):
             raise UserError(f"--plot {args.plot}: the figure is a PNG; give a path ending in .png")
-        runs = [load_run_summary(run_dir) for run_dir in args.run_dirs]
-        print(format_comparison(runs, markdown=args.markdown))
+        runs = load_runs(args.run_dirs)
+        groups = group_runs(runs)
+        if args.json:  # one JSON object on stdout: the figures are drawn first and named in it
+            plots = draw_comparison(runs, groups, args.plot) if args.plot else {}
+            print(json.dumps(comparison_json(groups, plots), indent=2))
+            return
+        print(format_report(runs, groups, markdown=args.markdown, per_run=args.per_run))
         if args.plot:
-            from cifar_accel.plots import plot_run_comparison
-
-            try:
-                plot_run_comparison({run.name: run.records for run in runs}, args.plot)
-            except OSError as error:
-                raise UserError(f"cannot write --plot {args.plot} ({error.strerror or error})") from None
+            plots = draw_comparison(runs, groups, args.plot)
             print(f"curves of {len(runs)} runs drawn to {args.plot}")
+            if "groups" in plots:
+                print(f"accuracies of {len(groups)} groups ({len(runs)} runs) drawn to {plots['groups']}")
 
     _run(compare_command)
 
@@ -290,6 +307,63 @@ def recipes_main(argv: list[str] | None = None) -> None:
     print("\n".join(f"{name:<{width}}  {description}" for name, description in recipes.items()))
 
 
+def sweep_main(argv: list[str] | None = None) -> None:
+    """``cifar-accel sweep``: a hyperparameter search on Optuna (``cifar_accel.sweep``). Its own flags are parsed
+    here; every other flag is a training flag, fixing what the space does not vary."""
+    import shlex
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = OneLineErrorParser(
+        prog="cifar-accel sweep",
+        description="Search training settings with Optuna: one run per trial in OUTPUT_DIR/trial_K. Any number of "
+        "workers may run the same command on one --storage. Every other flag is a training flag (cifar-accel train "
+        "--help) fixing what the space does not vary; --output_dir is the sweep's folder.",
+        allow_abbrev=False,  # an abbreviation would take a training flag's place
+    )
+    parser.add_argument("--space", required=True, metavar="YAML", help="flag: {type: float|int|categorical, ...}")
+    parser.add_argument("--study", required=True, metavar="NAME", help="the study's name in the storage")
+    parser.add_argument(
+        "--storage", required=True, metavar="PATH|URL", help="a journal file, or a database URL (sqlite:///FILE)"
+    )
+    parser.add_argument(
+        "--trials", required=True, type=_whole_number(1, 10**6), metavar="N", help="trials in all, across workers"
+    )
+    parser.add_argument(
+        "--pruner",
+        choices=("median", "none"),
+        default="median",
+        help="median: stop a trial whose epoch scores below the median of the complete trials' (from the 6th trial)",
+    )
+    parser.add_argument(
+        "--heartbeat_seconds",
+        type=_whole_number(1, 86400),
+        default=60,
+        metavar="S",
+        help="a worker silent for 2 x S seconds is taken for dead: its trial is run again (default: 60)",
+    )
+    args, training_flags = _run(lambda: parser.parse_known_args(argv))
+    from cifar_accel.settings import parse_train_args
+
+    config = _run(lambda: parse_train_args(training_flags))
+
+    def sweep_command() -> None:
+        try:
+            from cifar_accel.sweep import SweepOptions, run_sweep
+        except ModuleNotFoundError as error:
+            if not (error.name or "").startswith("optuna"):
+                raise
+            raise UserError(
+                'optuna is not installed: pip install "cifar-accel[sweep]" (or pip install optuna)'
+            ) from None
+        options = SweepOptions(
+            args.space, args.study, args.storage, args.trials, args.pruner, args.heartbeat_seconds,
+            command=shlex.join(["cifar-accel", "sweep", *argv]),
+        )  # fmt: skip
+        run_sweep(options, config)
+
+    _run(sweep_command)
+
+
 COMMANDS = {
     "train": (train_main, "train a model (same flags as train.py)"),
     "evaluate": (evaluate_main, "evaluate a saved model; prints JSON with top1, top3, top5, loss, n"),
@@ -299,6 +373,7 @@ COMMANDS = {
     "models": (models_main, "list the model names"),
     "recipes": (recipes_main, "list the training recipes (train --recipe NAME)"),
     "loader-speed": (loader_speed_main, "measure images/s of the training data loader alone"),
+    "sweep": (sweep_main, "search training settings with Optuna; several workers may share one study"),
 }
 
 

@@ -154,6 +154,8 @@ def end_epoch(run: Run, saver: BestModelSaver, stop: StopRequest, bar: tqdm, rec
         run.folder.drop_replaced_run()  # this run has a finished epoch of its own now
     checkpoint = save_run_checkpoint(run) if config.checkpointing_steps == "epoch" else None
     stop_if_requested(run, stop, f"after epoch {epoch}", checkpoint)
+    if run.on_evaluation is not None and "eval_top1" in record:  # the epoch kept: a pruned run stops after it
+        run.on_evaluation(record)
 
 
 def mark_safe_point(run: Run) -> None:
@@ -229,5 +231,3 @@ def keep_record(run: Run, saver: BestModelSaver, record: dict, bar: tqdm) -> Non
     if run.folder:
         bar.write(format_epoch_line(record, run.config.epochs))
         run.folder.save_metrics(run.progress.records)
-    if run.on_evaluation is not None and "eval_top1" in record:
-        run.on_evaluation(record)

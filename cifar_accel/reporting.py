@@ -25,7 +25,6 @@ from cifar_accel.run_files import (
     SUMMARY_FILE,
     TRACKER_FOLDER,
 )  # fmt: skip
-from cifar_accel.run_records import selected_metric  # noqa: F401  (TEMPORARY: sweep.py imports it here)
 
 
 def format_epoch_line(record: dict, epochs: float) -> str:

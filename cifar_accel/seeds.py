@@ -36,9 +36,12 @@ def seed_folder(seed: int) -> str:
     return f"seed_{seed}"
 
 
-def run_seeds(config: TrainConfig, on_evaluation: Callable[[dict], None] | None = None) -> dict:
+def run_seeds(
+    config: TrainConfig, on_evaluation: Callable[[dict], None] | None = None, resume_hint: str | None = None
+) -> dict:
     """Train once per seed of ``config.seeds``; returns ``seeds.json``'s content. ``on_evaluation`` goes to the
-    first seed's run (a sweep's pruner judges a trial by it)."""
+    first seed's run (a sweep's pruner judges a trial by it); ``resume_hint`` is what a stop says to run again
+    (default: this command)."""
     config.validate()
     seeds, root = parse_seeds(config.seeds), Path(config.output_dir)
     if config.push_to_hub:
@@ -55,14 +58,15 @@ def run_seeds(config: TrainConfig, on_evaluation: Callable[[dict], None] | None 
         lock.acquire()  # two experiments in one folder would train the same seeds twice
     try:
         with inputs_shared():
-            return _train_seeds(config, seeds, root, settings, is_main, on_evaluation)
+            hint = resume_hint or rerun_command(PartialState().num_processes)
+            return _train_seeds(config, seeds, root, settings, is_main, on_evaluation, hint)
     finally:
         lock.release()
 
 
 def _train_seeds(
     config: TrainConfig, seeds: list[int], root: Path, settings: dict, is_main: bool,
-    on_evaluation: Callable[[dict], None] | None,
+    on_evaluation: Callable[[dict], None] | None, resume_hint: str,
 ) -> dict:  # fmt: skip
     runs = []
     if is_main:  # at once: a continuing command is checked against these settings even if no seed finished
@@ -80,8 +84,7 @@ def _train_seeds(
                 overwrite_output_dir=config.overwrite_output_dir or run_dir.exists(),
             )  # fmt: skip
             try:
-                results = train(seed_config, on_evaluation if index == 0 else None,
-                                resume_hint=rerun_command(PartialState().num_processes))  # fmt: skip
+                results = train(seed_config, on_evaluation if index == 0 else None, resume_hint)
             except StoppedBySignal:
                 if is_main:
                     write_json(root / SEEDS_SUMMARY_FILE, summarize(settings, seeds, runs, config.target_accuracy))
