@@ -367,7 +367,7 @@ def sweep_main(argv: list[str] | None = None) -> None:
 COMMANDS = {
     "train": (train_main, "train a model (same flags as train.py)"),
     "evaluate": (evaluate_main, "evaluate a saved model; prints JSON with top1, top3, top5, loss, n"),
-    "compare": (compare_main, "finished runs side by side: a table and, with --plot, their curves"),
+    "compare": (compare_main, "finished runs side by side; seeds of one setting as groups, tested against their noise"),
     "predict": (predict_main, "classify image files with a saved model (local folder or Hub repo)"),
     "push": (push_main, "publish a finished run to the Hugging Face Hub (same as push_model.py)"),
     "models": (models_main, "list the model names"),

@@ -56,7 +56,10 @@ def group_key(settings: dict) -> dict:
     return {name: value for name, value in settings.items() if name not in NOT_GROUPED}
 
 
-def _show(value: object) -> str:
+def _show(value: object, short: bool = False) -> str:
+    """A setting's value in a group's name; ``short``: floats to 4 significant digits (0.04847, not 0.048466412...)."""
+    if short and isinstance(value, float):
+        return f"{value:.4g}"
     return "(unset)" if value is _UNSET else value if isinstance(value, str) else json.dumps(value)
 
 
@@ -74,11 +77,15 @@ def group_runs(runs: list[RunSummary]) -> list[RunGroup]:
     names = list(dict.fromkeys(name for settings, _ in keyed for name in settings))
     first = keyed[0][0]
     differing = [name for name in names if any(s.get(name, _UNSET) != first.get(name, _UNSET) for s, _ in keyed)]
-    groups = []
-    for settings, members in keyed:
-        label = " ".join(f"{name}={_show(settings.get(name, _UNSET))}" for name in differing)
-        groups.append(RunGroup(label or _single_group_name(members), settings, members))
-    return groups
+
+    def label(settings: dict, short: bool) -> str:
+        return " ".join(f"{name}={_show(settings.get(name, _UNSET), short)}" for name in differing)
+
+    short = [label(settings, short=True) for settings, _ in keyed]
+    if len(set(short)) < len(short):  # groups that differ beyond the 4th digit keep every digit
+        short = [label(settings, short=False) for settings, _ in keyed]
+    return [RunGroup(name or _single_group_name(members), settings, members)
+            for name, (settings, members) in zip(short, keyed, strict=True)]  # fmt: skip
 
 
 def _single_group_name(runs: list[RunSummary]) -> str:

@@ -204,7 +204,7 @@ class TrainConfig:
     overwrite_output_dir: bool = _option(False, "replace the run already in --output_dir (otherwise refused)")
     seed: int = _option(0, "random seed for initialisation, shuffling and augmentation")
     seeds: str | None = _option(None, "one run per seed (0-9, or 0,3,7) in OUTPUT_DIR/seed_N, summarised in seeds.json")
-    target_accuracy: float | None = _option(None, "with --seeds: test whether the mean top-1 exceeds this (0.94: 94%)")
+    target_accuracy: float | None = _option(None, "with --seeds: test whether the mean top-1 exceeds this (e.g. 0.94)")
     checkpointing_steps: str | None = _option(None, "save a resumable checkpoint every N steps, or every 'epoch'")
     checkpoints_total_limit: int | None = _option(None, "keep only the newest K checkpoints")
     resume_from_checkpoint: str | None = _option(None, "'latest' or a checkpoint folder: continue that run exactly")

@@ -29,7 +29,7 @@ from cifar_accel.checkpoint import RESUME_MAY_CHANGE
 from cifar_accel.config import TrainConfig
 from cifar_accel.errors import UserError, first_line
 from cifar_accel.files import write_atomically, write_text
-from cifar_accel.recipes import DuplicateKeyError, UniqueKeyLoader
+from cifar_accel.recipes import read_yaml
 from cifar_accel.run_files import RUN_CONFIG_FILE
 
 # Flags a space may not vary: those that steer a run (where it writes, whether it resumes or pushes) and do not
@@ -54,14 +54,7 @@ def load_space(path: str, base: TrainConfig) -> dict[str, dict]:
     """The space in ``path``, each parameter's spec complete (defaults filled in), checked against ``base``: every
     bound and choice must be a value the flag takes with the sweep's other settings."""
     source = f"--space {path}"
-    try:
-        content = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
-    except DuplicateKeyError as error:
-        raise UserError(f"{source} {error.problem}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"{source} is not valid YAML: {str(error).splitlines()[0]}") from None
-    except OSError as error:
-        raise UserError(f"{source} cannot be read ({error.strerror or error})") from None
+    content = read_yaml(path, source)
     if not isinstance(content, dict) or not content:
         raise UserError(f"{source} must be a mapping of flags to their ranges, such as 'learning_rate: {{type: "
                         "float, low: 0.01, high: 1, log: true}'")  # fmt: skip

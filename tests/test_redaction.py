@@ -135,6 +135,7 @@ def test_push_returns_the_repo_url_without_credentials(finished_run, no_secrets_
     assert url == "http://***@127.0.0.1:9/someone/model/tree/v1"
 
 
+@pytest.mark.slow  # four commands at once, each through the Hub client's 30 s of retries
 def test_no_command_shows_the_endpoint_password_or_the_token(finished_run, tmp_path):
     """The Hub cannot be reached at an endpoint with credentials: every command still says so in one
     ``error:`` line, and neither the password nor the token appears in anything it printed

@@ -124,6 +124,7 @@ def test_a_checkpoint_of_one_process_is_refused_under_two_with_the_command_that_
     assert files_of(run_dir) == before
 
 
+@pytest.mark.slow  # two trainings at once, one paused while the other is refused
 def test_two_runs_on_one_folder_the_second_is_refused_naming_the_first(colour_dataset, tmp_path):
     run_dir = tmp_path / "run"
     first_command = [sys.executable, "train.py", *train_flags(colour_dataset, run_dir, "--epochs", "2")]

@@ -5,6 +5,7 @@ the command line override it, and ``train_config.json`` records the values that 
 """
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -55,15 +56,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _read(path: Path) -> dict:
+def read_yaml(path: str | Path, source: str) -> Any:
+    """A YAML file's content, a key given twice refused; each failure one line that begins with ``source``."""
     try:
-        content = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        return yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
     except DuplicateKeyError as error:
-        raise UserError(f"recipe {str(path)!r} {error.problem}") from None
+        raise UserError(f"{source} {error.problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise UserError(f"recipe {str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{source} is not valid YAML: {str(error).splitlines()[0]}") from None
     except OSError as error:
-        raise UserError(f"recipe {str(path)!r} cannot be read ({error.strerror or error})") from None
+        raise UserError(f"{source} cannot be read ({error.strerror or error})") from None
+
+
+def _read(path: Path) -> dict:
+    content = read_yaml(path, f"recipe {str(path)!r}")
     if not isinstance(content, dict):
         raise UserError(f"recipe {str(path)!r} must be a mapping of setting names to values")
     return content
