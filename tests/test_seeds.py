@@ -16,8 +16,10 @@ import torch
 from conftest import run_command
 from safetensors.torch import load_file
 
+import cifar_accel.build
 import cifar_accel.seeds
 from cifar_accel.checkpoint import rerun_command
+from cifar_accel.data import load_data
 from cifar_accel.engine import train
 from cifar_accel.errors import StoppedBySignal, UserError
 from cifar_accel.seeds import run_seeds
@@ -49,8 +51,14 @@ def separate_runs(colour_dataset, tmp_path_factory) -> dict[int, Path]:
     return {seed: root / str(seed) for seed in range(3)}
 
 
-def test_seeds_are_the_runs_separate_commands_give_and_the_summary_is_theirs(colour_dataset, separate_runs, tmp_path):
+def test_seeds_are_the_runs_separate_commands_give_and_the_summary_is_theirs(
+    colour_dataset, separate_runs, tmp_path, monkeypatch
+):
+    loads = []
+    monkeypatch.setattr(cifar_accel.build, "load_data", lambda config: loads.append(config.seed) or load_data(config))
     summary = run_seeds(_config(colour_dataset, tmp_path, "--seeds", "0-2", "--target_accuracy", "0.3"))
+
+    assert loads == [0]  # the data is loaded once for the three seeds
 
     for seed, run_dir in separate_runs.items():
         _assert_same_weights(tmp_path / f"seed_{seed}", run_dir)
