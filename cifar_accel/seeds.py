@@ -114,7 +114,11 @@ def check_output_dir(root: Path, settings: dict, overwrite: bool) -> None:
     summary_path = root / SEEDS_SUMMARY_FILE
     if not summary_path.exists():
         return
-    recorded = read_run_json(summary_path).get("settings")
+    try:
+        recorded = read_run_json(summary_path).get("settings")
+    except UserError as error:  # written whole, so damaged by hand or by another program
+        raise UserError(f"--output_dir {root}: {str(error).split(': ', 1)[-1]}; pass --overwrite_output_dir to "
+                        "start the experiment afresh, or choose another --output_dir") from None  # fmt: skip
     if recorded != settings:
         differing = sorted(name for name in settings if not isinstance(recorded, dict)
                            or recorded.get(name) != settings[name])  # fmt: skip

@@ -178,3 +178,11 @@ def test_sigterm_to_the_process_group_mid_experiment_then_the_printed_command_fi
     assert continued.returncode == 0, continued.stderr[-3000:]
     assert "seed 0 (1 of 3): finished before" in continued.stdout
     assert json.loads((output_dir / "seeds.json").read_text())["top1"]["n"] == 3
+
+
+@pytest.mark.parametrize("content, problem", [("{not json", "is not valid JSON"), ("[1, 2]", "is not a JSON object")])
+def test_a_damaged_seeds_json_is_a_one_line_error_and_nothing_is_written(colour_dataset, tmp_path, content, problem):
+    (tmp_path / "seeds.json").write_text(content)
+    with pytest.raises(UserError, match=f"--output_dir {tmp_path}: seeds.json {problem}.*--overwrite_output_dir"):
+        run_seeds(_config(colour_dataset, tmp_path, "--seeds", "0-1"))
+    assert [path.name for path in tmp_path.iterdir()] == ["seeds.json"]
