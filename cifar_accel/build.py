@@ -81,8 +81,12 @@ _shared_inputs: SharedInputs | None = None
 
 @contextlib.contextmanager
 def inputs_shared() -> Iterator[None]:
-    """Inside, runs that ask for the same data share one load of it (a dataset changed meanwhile is not seen)."""
+    """Inside, runs that ask for the same data share one load of it (a dataset changed meanwhile is not seen).
+    Nested (a sweep's trial of several seeds), the outer sharing goes on."""
     global _shared_inputs
+    if _shared_inputs is not None:
+        yield
+        return
     _shared_inputs = SharedInputs()
     try:
         yield

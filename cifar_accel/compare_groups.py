@@ -10,31 +10,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cifar_accel.checkpoint import RESUME_MAY_CHANGE
 from cifar_accel.compare import RunSummary, format_comparison, format_table
 from cifar_accel.errors import UserError
 from cifar_accel.plots import plot_group_accuracies, plot_run_comparison
+from cifar_accel.run_files import RUN_RECORD_ONLY
 from cifar_accel.run_statistics import SIGNIFICANCE, describe, format_mean, welch
 
 # train_config.json keys that do not make two runs different experiments, so they are left out of a group's key:
-# - the seed, what a group is made of (with --seeds and its --target_accuracy, which each seed run records as null);
-# - where the run was written;
-# - what the run derived or recorded rather than was asked for (settings.RUN_RECORD_ONLY, which --config does not
-#   replay either: the data's fingerprint, the process count, the environment...);
-# - what only steered that run (settings.NOT_REPLAYED: resuming, overwriting, pushing);
-# - what changes its speed or bookkeeping but not what is trained or measured (loader workers, trackers, checkpoints,
-#   the Hub repo: checkpoint.RESUME_MAY_CHANGE lets a resume change them for the same reason).
-# compare cannot import settings (a layer above it): tests/test_compare.py checks that this covers its two tuples.
-NOT_GROUPED = (
-    "seed", "seeds", "target_accuracy", "output_dir",
-    # settings.RUN_RECORD_ONLY
-    "base_model", "hub_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples",
-    "selection_split", "dataset_fingerprint", "dataset_revision", "dataset_pretty_name", "class_names", "mean", "std",
-    "environment", "subset_seed",
-    # settings.NOT_REPLAYED
-    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub",
-    # speed and bookkeeping only
-    "num_workers", "report_to", "hub_model_id", "hub_private_repo", "checkpointing_steps", "checkpoints_total_limit",
-)  # fmt: skip
+# the seed, what a group is made of (with --seeds and its --target_accuracy, which each seed run records as null);
+# what the run derived or recorded rather than was asked for (RUN_RECORD_ONLY, which --config does not replay
+# either); and what a resume may change because it does not change what is trained or measured
+# (RESUME_MAY_CHANGE: where the run was written, resuming, overwriting, pushing, loader workers, trackers,
+# checkpoints), but the dataset, which a resume may only move: runs given other data are other experiments.
+NOT_GROUPED = frozenset(
+    {"seed", "seeds", "target_accuracy", *RUN_RECORD_ONLY, *(name for name in RESUME_MAY_CHANGE if name != "dataset")}
+)
 METRICS = {"best_top1": "best top-1", "final_top1": "final top-1"}
 GROUP_HEADER = ("group", "model", "recipe", "n", "best top-1", "final top-1", "seconds")
 _UNSET = object()  # a setting that an older run's train_config.json does not have

@@ -21,6 +21,13 @@ RUN_FILES = (
     RUN_CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RESULTS_FILE, PLOTS_FOLDER, BEST_MODEL_FOLDER, TRACKER_FOLDER,
     CHECKPOINTS_FOLDER,
 )  # fmt: skip
+# What train_config.json records beside the settings (run_start.resolved_settings): derived, so --config does not
+# replay it, and compare does not group runs by it.
+RUN_RECORD_ONLY = (
+    "base_model", "hub_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples",
+    "selection_split", "dataset_fingerprint", "dataset_revision", "dataset_pretty_name", "class_names", "mean", "std",
+    "environment", "subset_seed",
+)  # fmt: skip
 # The records that compare, push and the model card read back.
 RUN_RECORDS = (RUN_CONFIG_FILE, RESULTS_FILE, METRICS_FILE)
 # Published beside the model by a push.

@@ -15,7 +15,7 @@ from typing import Any
 from cifar_accel.config import TrainConfig, base_type, default_of, names_hub_model, settings_by_section
 from cifar_accel.errors import UserError
 from cifar_accel.recipes import load_recipe
-from cifar_accel.run_files import RUN_CONFIG_FILE
+from cifar_accel.run_files import RUN_CONFIG_FILE, RUN_RECORD_ONLY
 
 
 def _parse_json_object(text: str) -> dict:
@@ -29,12 +29,6 @@ def _parse_json_object(text: str) -> dict:
 
 
 _METAVARS = {int: "N", float: "X", str: "TEXT"}
-# What train_config.json records beside the settings (run_start.resolved_settings): derived, not replayed.
-RUN_RECORD_ONLY = (
-    "base_model", "hub_model", "num_processes", "global_batch_size", "num_train_examples", "num_eval_examples",
-    "selection_split", "dataset_fingerprint", "dataset_revision", "dataset_pretty_name", "class_names", "mean", "std",
-    "environment", "subset_seed",
-)  # fmt: skip
 # Settings that steered the recorded run rather than its result: a replay starts afresh and pushes nothing.
 NOT_REPLAYED = {"resume_from_checkpoint": None, "overwrite_output_dir": False, "push_to_hub": False}
 # A Hub model's settings where neither a flag nor the recipe gives them: those of the transformers example that

@@ -27,7 +27,8 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_accel.checkpoint import checkpoint_folders, resume_settings
+from cifar_accel.build import inputs_shared
+from cifar_accel.checkpoint import RESUME_MAY_CHANGE, checkpoint_folders, resume_settings
 from cifar_accel.config import TrainConfig
 from cifar_accel.engine import train
 from cifar_accel.errors import StoppedBySignal, UserError, first_line
@@ -44,11 +45,9 @@ HEARTBEAT_ATTR = "cifar_accel:heartbeat"  # a trial system attribute: the time i
 SPACE_ATTR = "cifar_accel:space"  # the study's user attribute holding its space
 FAILURES_IN_A_ROW = 3  # refused trials in a row stop a worker: the space or the settings are wrong, not one draw
 CREATOR_GRACE_SECONDS = 10  # how long a joining worker waits for the study's creator to record its space
-# Settings that do not change a trial's result: workers of one study may differ in them.
-WORKER_SETTINGS = (
-    "num_workers", "report_to", "checkpointing_steps", "checkpoints_total_limit", "overwrite_output_dir",
-    "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_private_repo",
-)  # fmt: skip
+# Settings that do not change a trial's result (those a resume may change): workers of one study may differ in them.
+# Not the dataset, compared as given, nor the output folder, compared as an absolute path (fixed_settings).
+WORKER_SETTINGS = tuple(name for name in RESUME_MAY_CHANGE if name not in ("dataset", "output_dir"))
 
 
 class SurplusTrial(Exception):
@@ -324,7 +323,8 @@ def run_sweep(options: SweepOptions, base: TrainConfig) -> optuna.Study:
                       flush=True)  # fmt: skip
             runner = TrialRunner(study, space, base, options, stop)
             try:
-                run_until_done(study, runner, stop, options.heartbeat_seconds)
+                with inputs_shared():  # trials that train on the same data load it once
+                    run_until_done(study, runner, stop, options.heartbeat_seconds)
             except StoppedBySignal as stopped:
                 raise StoppedBySignal(
                     signal.Signals[stopped.signal_name], _stop_message(study, runner.stopped_trial, options.command)

@@ -15,7 +15,8 @@ from cifar_accel.cli import compare_main
 from cifar_accel.compare import load_runs
 from cifar_accel.compare_groups import NOT_GROUPED, group_runs
 from cifar_accel.config import TrainConfig
-from cifar_accel.settings import NOT_REPLAYED, RUN_RECORD_ONLY
+from cifar_accel.run_files import RUN_RECORD_ONLY
+from cifar_accel.settings import NOT_REPLAYED
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Two settings 1.5 points apart with seeds 0.1 points apart, and two whose seeds overlap.
