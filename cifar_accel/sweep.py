@@ -120,7 +120,11 @@ def open_storage(storage: str, heartbeat_seconds: int) -> optuna.storages.BaseSt
         raise UserError(f"--storage {storage} is a folder; give the journal file's path (it is created if absent)")
     check_writable_folder(path.parent, "--storage")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return HeartbeatJournalStorage(str(path), heartbeat_seconds, retry)
+    try:
+        return HeartbeatJournalStorage(str(path), heartbeat_seconds, retry)
+    except ValueError as error:  # json.JSONDecodeError: the file holds a line that is not a journal entry
+        raise UserError(f"--storage {storage} is not an Optuna journal file, or was cut short ({first_line(error)}); "
+                        "give the study's journal, or a new file") from None  # fmt: skip
 
 
 def fixed_settings(base: TrainConfig, space: dict) -> dict:

@@ -305,3 +305,19 @@ def test_the_documented_slurm_sweep_and_its_space_are_accepted():
                 if flag not in sweep_flags and (index == 0 or flags[index - 1] not in sweep_flags)]  # fmt: skip
     space = load_space(str(REPO_ROOT / flags[flags.index("--space") + 1]), parse_train_args(training))
     assert set(space) == {"learning_rate", "weight_decay", "label_smoothing", "batch_size"}
+
+
+STUDY_CREATED = '{"op_code": 0, "worker_id": "a", "study_name": "s", "directions": [2]}\n'
+
+
+# Optuna skips an incomplete last line (a write in flight); damage with lines after it cannot be read past.
+@pytest.mark.parametrize(
+    "content", ["garbage\n" + STUDY_CREATED, '{"op_code": 0, "worker_id": "a", "study_na' + 2 * STUDY_CREATED],
+    ids=["not a journal", "a line cut short"],
+)  # fmt: skip
+def test_a_damaged_journal_file_is_one_line_and_left_as_it_was(tmp_path, content):
+    journal = tmp_path / "journal.log"
+    journal.write_text(content)
+    with pytest.raises(UserError, match=rf"--storage {journal} is not an Optuna journal file, or was cut short \("):
+        sweep.open_storage(str(journal), 60)
+    assert journal.read_text() == content
